@@ -1,0 +1,127 @@
+"""Flax NNX models for meta-learning. Every model names its last layer ``head`` (for ANIL)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from metagrad.nn.conv import CONV_IMPLS, conv2d
+
+BN_POLICIES = ("transductive", "per_step", "support")
+
+
+class MLP(nnx.Module):
+    """A ReLU MLP; the sinusoid model of Finn et al. is ``MLP(1, (40, 40), 1)``.
+
+    Initialisation: Flax's defaults, kernels LeCun-normal (variance 1 / fan_in), biases zero.
+    Layers are ``hidden_0``, ``hidden_1``, ..., and ``head``.
+
+    Example:
+        >>> MLP(1, (40, 40), 1, rngs=nnx.Rngs(0))(jnp.zeros((7, 1))).shape
+        (7, 1)
+    """
+
+    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, *,
+                 rngs: nnx.Rngs):
+        sizes = [in_features, *hidden]
+        self.num_hidden = len(hidden)
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            setattr(self, f"hidden_{i}", nnx.Linear(a, b, rngs=rngs))
+        self.head = nnx.Linear(sizes[-1], out_features, rngs=rngs)
+
+    def __call__(self, x: jax.Array, **_) -> jax.Array:
+        for i in range(self.num_hidden):
+            x = jax.nn.relu(getattr(self, f"hidden_{i}")(x))
+        return self.head(x)
+
+
+class MetaBatchNorm(nnx.Module):
+    r"""Batch norm with an explicit meta-learning policy and no hidden running statistics.
+
+    :math:`y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta` with :math:`\mu, \sigma^2`
+    over batch and space of the current forward pass:
+
+    - ``"transductive"`` (original MAML; default): the statistics of the batch being processed,
+      at train and test time.
+    - ``"per_step"`` (MAML++): as transductive, with separate :math:`\gamma, \beta` for each inner
+      step (shape ``(steps, C)``; call with ``step=i``, clamped to the last).
+    - ``"support"``: statistics from the first ``stats_rows`` rows only: call with the support set
+      and the query concatenated and ``stats_rows = len(support)``, so that each query example is
+      normalised with support statistics alone (non-transductive evaluation).
+    """
+
+    def __init__(self, features: int, *, policy: str = "transductive", steps: int = 1,
+                 epsilon: float = 1e-5):
+        if policy not in BN_POLICIES:
+            raise ValueError(f"batch-norm policy must be one of {BN_POLICIES}, got {policy!r}")
+        shape = (steps, features) if policy == "per_step" else (features,)
+        self.policy, self.epsilon = policy, epsilon
+        self.scale = nnx.Param(jnp.ones(shape))
+        self.bias = nnx.Param(jnp.zeros(shape))
+
+    def __call__(self, x, *, step=None, stats_rows: int | None = None):
+        axes = tuple(range(x.ndim - 1))
+        ref = x[:stats_rows] if stats_rows is not None else x
+        mean = jnp.mean(ref, axis=axes)
+        var = jnp.mean(jnp.square(ref - mean), axis=axes)
+        scale, bias = self.scale[...], self.bias[...]
+        if self.policy == "per_step":
+            i = jnp.minimum(0 if step is None else step, scale.shape[0] - 1)
+            scale, bias = scale[i], bias[i]
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+class ConvBlock(nnx.Module):
+    """3x3 convolution (bias-free: batch norm's bias replaces it), batch norm, ReLU, 2x down."""
+
+    def __init__(self, in_ch: int, out_ch: int, *, downsample: str, conv_impl: str,
+                 bn_policy: str, steps: int, rngs: nnx.Rngs):
+        init = jax.nn.initializers.glorot_uniform()
+        self.kernel = nnx.Param(init(rngs.params(), (3, 3, in_ch, out_ch)))
+        self.norm = MetaBatchNorm(out_ch, policy=bn_policy, steps=steps)
+        self.downsample, self.conv_impl = downsample, conv_impl
+
+    def __call__(self, x, *, step=None, stats_rows=None):
+        stride = 2 if self.downsample == "strided" else 1
+        x = conv2d(x, self.kernel[...], stride=stride, impl=self.conv_impl)
+        x = jax.nn.relu(self.norm(x, step=step, stats_rows=stats_rows))
+        if self.downsample == "maxpool":
+            x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        return x
+
+
+class Conv4(nnx.Module):
+    """The Conv4 of the MAML paper: four blocks of 3x3 conv (64 filters), batch norm, ReLU and
+    2x2 down-sampling (stride 2 by default, as Finn et al. did for Omniglot; ``"maxpool"`` as
+    for miniImageNet), features averaged over space, then a linear ``head``.
+
+    Initialisation: convolution kernels Glorot-uniform (as Finn et al.'s code), head LeCun-normal,
+    batch-norm scale 1 and bias 0. Inputs are NHWC.
+
+    Example:
+        >>> model = Conv4(1, 5, rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((10, 28, 28, 1))).shape
+        (10, 5)
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, hidden: int = 64,
+                 downsample: str = "strided", conv_impl: str = "auto",
+                 bn_policy: str = "transductive", steps: int = 1, rngs: nnx.Rngs):
+        if downsample not in ("strided", "maxpool"):
+            raise ValueError(f"downsample must be 'strided' or 'maxpool', got {downsample!r}")
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+        chans = [in_channels, hidden, hidden, hidden, hidden]
+        for i in range(4):
+            setattr(self, f"block_{i}", ConvBlock(chans[i], chans[i + 1], downsample=downsample,
+                                                  conv_impl=conv_impl, bn_policy=bn_policy,
+                                                  steps=steps, rngs=rngs))
+        self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
+
+    def __call__(self, x, *, step=None, stats_rows=None):
+        for i in range(4):
+            x = getattr(self, f"block_{i}")(x, step=step, stats_rows=stats_rows)
+        return self.head(jnp.mean(x, axis=(1, 2)))
