@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
@@ -364,14 +365,28 @@ class MetaLearner(NamedTuple):
     update: Callable
 
 
+def task_mesh(devices: int | str = "all") -> jax.sharding.Mesh:
+    """A one-axis mesh (``"tasks"``) over the first ``devices`` local devices (or all)."""
+    local = jax.local_devices()
+    n = len(local) if str(devices) == "all" else int(devices)
+    if not 1 <= n <= len(local):
+        raise ValueError(f"devices={devices!r}: there are {len(local)} local devices")
+    return jax.sharding.Mesh(np.array(local[:n]), ("tasks",))
+
+
 def meta_learner(loss_fn: LossFn, estimator: MetaGradEstimator,
                  optimizer: optax.GradientTransformation, *,
-                 task_batching: str | int = "vmap", jit: bool = True) -> MetaLearner:
+                 task_batching: str | int = "vmap", jit: bool = True,
+                 devices: int | str = 1) -> MetaLearner:
     r"""A meta-step as an ``(init, update)`` pair driven by any optax optimizer.
 
     ``update`` averages the estimator's meta-gradient over the task batch, applies the optimizer
     and returns metrics: ``meta_loss``, ``loss_pre`` / ``loss_post`` (query loss before and after
     adaptation, plus any ``metrics_fn`` entries) and ``grad_norm`` (of the averaged meta-gradient).
+
+    With ``devices`` > 1 (or ``"all"``) the task axis is sharded across local devices with
+    ``jax.sharding`` (a ``Mesh`` and ``NamedSharding``); meta-parameters stay replicated and XLA
+    turns the mean over tasks into a cross-device reduction. The meta-batch must divide evenly.
 
     Example:
         >>> loss_fn = lambda p, b: jnp.mean((p * b[0] - b[1]) ** 2)
@@ -389,7 +404,13 @@ def meta_learner(loss_fn: LossFn, estimator: MetaGradEstimator,
     def init(meta_params):
         return MetaState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32))
 
+    sharding = None
+    if str(devices) != "1":
+        sharding = jax.sharding.NamedSharding(task_mesh(devices), jax.sharding.PartitionSpec("tasks"))
+
     def update(state, tasks):
+        if sharding is not None:
+            tasks = lax.with_sharding_constraint(tasks, sharding)
         (loss, metrics), grads = batch_value_and_grad(
             estimator, loss_fn, state.meta_params, tasks, state.step, task_batching=task_batching)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
@@ -454,4 +475,5 @@ __all__ = [
     "ESTIMATORS", "InnerConfig", "MetaGradEstimator", "MetaLearner", "MetaState",
     "batch_value_and_grad", "check_meta_grad", "default_task_batching", "fomaml", "imaml",
     "make_estimator", "maml", "mamlpp", "meta_learner", "meta_loss", "msl_weights", "reptile",
+    "task_mesh",
 ]

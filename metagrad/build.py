@@ -1,0 +1,131 @@
+"""From a validated `Config` to the objects the training loop runs: model, loss, estimator,
+outer optimizer and task source. Each algorithm's name maps to engine options here, in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from metagrad import nn as mnn
+from metagrad.outer import MetaGradEstimator, imaml, maml, mamlpp, reptile
+from metagrad.tasks import sinusoid
+from metagrad.tasks.base import Task
+
+
+@dataclass
+class Model:
+    """A model as the engine sees it: initial params, a pure apply, and its loss and metrics."""
+
+    params: Any
+    apply: Callable
+    loss_fn: Callable
+    metrics_fn: Callable | None
+    step_arg: bool  # the model takes the inner step index (MAML++ per-step batch norm)
+
+
+@dataclass
+class TaskSource:
+    """Training batches sampled on the device, and held-out tasks from fixed keys."""
+
+    kind: str  # "regression" or "classification"
+    sample_train: Callable[[jax.Array, int], Task]  # (key, meta_batch_size) -> Task batch
+    heldout: Callable[[str, int, int, int], Task]  # (split, num_tasks, shots, query) -> Task batch
+
+
+def build_task_source(cfg) -> TaskSource:
+    t = cfg.task
+    if t.name == "sinusoid":
+        def sample_train(key, batch_size):
+            return sinusoid.sample_batch(key, batch_size, shots=t.shots, query=t.query)
+
+        def heldout(split, num_tasks, shots, query):
+            return sinusoid.sample_batch(sinusoid.heldout_key(split), num_tasks, shots=shots,
+                                         query=query)
+
+        return TaskSource("regression", sample_train, heldout)
+    from metagrad.tasks.omniglot_source import omniglot_task_source  # loads data: only on demand
+    return omniglot_task_source(cfg)
+
+
+def build_model(cfg, key: jax.Array) -> Model:
+    m, steps = cfg.model, cfg.inner.steps
+    rngs = nnx.Rngs(params=key)
+    quant = dict(weight_bits=m.weight_bits, act_bits=m.act_bits, quantizer=m.quantizer)
+    if m.name in ("mlp", "mlp_quant"):
+        if m.name == "mlp":
+            module = mnn.MLP(1, tuple(m.hidden), 1, rngs=rngs)
+        else:
+            module = mnn.QuantMLP(1, tuple(m.hidden), 1, rngs=rngs, **quant)
+        params, apply = mnn.functional(module)
+        return Model(params, apply, mnn.mse_loss(apply), None, False)
+    conv_kw = dict(hidden=m.channels, downsample=m.downsample, conv_impl=m.conv_impl,
+                   bn_policy=m.bn_policy, steps=max(steps, 1), rngs=rngs)
+    if m.name == "conv4":
+        module = mnn.Conv4(1, cfg.task.ways, **conv_kw)
+    else:
+        module = mnn.QuantConv4(1, cfg.task.ways, **conv_kw, **quant)
+    params, apply = mnn.functional(module)
+    step_arg = m.bn_policy == "per_step"
+    return Model(params, apply, mnn.cross_entropy_loss(apply), mnn.accuracy(apply), step_arg)
+
+
+def initial_lr(cfg, params) -> Any:
+    """Meta-SGD's and MAML++'s learned inner rates, initialised at ``inner.lr``."""
+    a = cfg.algo
+    lead = (cfg.inner.steps,) if a.per_step_lr else ()
+
+    def leaf(p):
+        shape = lead + (p.shape if a.lr_per_element else (1,) * p.ndim)
+        return jnp.full(shape, cfg.inner.lr, jnp.float32)
+
+    return jax.tree.map(leaf, params)
+
+
+def build_estimator(cfg, model: Model, *, steps: int | None = None) -> MetaGradEstimator:
+    a, inner = cfg.algo, cfg.inner
+    steps = inner.steps if steps is None else steps
+    kw = dict(steps=steps, lr=None if a.learn_lr else inner.lr, remat=inner.remat,
+              metrics_fn=model.metrics_fn)
+    if a.head_only or not a.adapt_batchnorm:
+        kw["mask"] = mnn.adapt_mask(model.params, head_only=a.head_only,
+                                    adapt_batchnorm=a.adapt_batchnorm)
+    if a.name == "reptile":
+        return reptile(**kw)
+    if a.name == "imaml":
+        return imaml(**kw, reg=a.reg, cg_iters=a.cg_iters, cg_tol=a.cg_tol, damping=a.damping)
+    kw.update(per_step=a.per_step_lr, step_arg=model.step_arg)
+    if a.name == "mamlpp":
+        return mamlpp(**kw, anneal_steps=a.msl_anneal_steps, first_order_until=a.first_order_until)
+    return maml(**kw, first_order=a.first_order or a.name == "fomaml")
+
+
+def build_optimizer(cfg) -> optax.GradientTransformation:
+    o = cfg.outer
+    lr = o.lr
+    if o.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(o.lr, decay_steps=max(cfg.train.steps, 1), alpha=o.min_lr_ratio)
+    opt = optax.adam(lr) if o.optimizer == "adam" else optax.sgd(lr)
+    if o.clip_norm is not None:
+        opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
+    return opt
+
+
+def initial_meta_params(cfg, model: Model) -> dict:
+    meta = {"params": model.params}
+    if cfg.algo.learn_lr:
+        meta["lr"] = initial_lr(cfg, model.params)
+    return meta
+
+
+def resolve_task_batching(cfg) -> str | int:
+    tb = str(cfg.train.task_batching)
+    if tb == "auto":
+        return "vmap"
+    return int(tb) if tb.isdigit() else tb
