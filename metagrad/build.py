@@ -32,26 +32,58 @@ class Model:
 
 @dataclass
 class TaskSource:
-    """Training batches sampled on the device, and held-out tasks from fixed keys."""
+    """Training batches sampled on the device, and held-out tasks from fixed keys.
+
+    ``train_data`` (device arrays, or None) is passed to ``sample_train`` as an argument of the
+    compiled training chunk rather than baked into it as a constant.
+    """
 
     kind: str  # "regression" or "classification"
-    sample_train: Callable[[jax.Array, int], Task]  # (key, meta_batch_size) -> Task batch
+    train_data: Any
+    sample_train: Callable[[Any, jax.Array, int], Task]  # (data, key, meta_batch) -> Task batch
     heldout: Callable[[str, int, int, int], Task]  # (split, num_tasks, shots, query) -> Task batch
 
 
 def build_task_source(cfg) -> TaskSource:
     t = cfg.task
     if t.name == "sinusoid":
-        def sample_train(key, batch_size):
+        def sample_train(data, key, batch_size):
             return sinusoid.sample_batch(key, batch_size, shots=t.shots, query=t.query)
 
         def heldout(split, num_tasks, shots, query):
             return sinusoid.sample_batch(sinusoid.heldout_key(split), num_tasks, shots=shots,
                                          query=query)
 
-        return TaskSource("regression", sample_train, heldout)
-    from metagrad.tasks.omniglot_source import omniglot_task_source  # loads data: only on demand
+        return TaskSource("regression", None, sample_train, heldout)
     return omniglot_task_source(cfg)
+
+
+HELDOUT_SEEDS = {"val": 1_000_001, "test": 2_000_002}
+
+
+def omniglot_task_source(cfg) -> TaskSource:
+    """Loads (or reads the cache of) Omniglot and checks the task sizes, before any compilation."""
+    from metagrad.tasks import omniglot  # Pillow and the data are needed only here
+
+    t = cfg.task
+    splits = omniglot.omniglot_splits(t.data_dir, cache_dir=t.cache_dir, split=t.split)
+    e = cfg.eval
+    for name in ("train", "val", "test"):  # raises a clear error for ways/shots/query too large
+        shots = t.shots if name == "train" else (e.shots or t.shots)
+        query = t.query if name == "train" else (e.query or t.query)
+        omniglot.make_sampler(splits[name], ways=t.ways, shots=shots, query=query)
+    train_images = jnp.asarray(splits["train"])
+
+    def sample_train(images, key, batch_size):
+        keys = jax.random.split(key, batch_size)
+        return jax.vmap(lambda k: omniglot.sample_task(images, k, ways=t.ways, shots=t.shots,
+                                                       query=t.query))(keys)
+
+    def heldout(split, num_tasks, shots, query):
+        sampler = omniglot.make_sampler(splits[split], ways=t.ways, shots=shots, query=query)
+        return sampler.sample_batch(jax.random.key(HELDOUT_SEEDS[split]), num_tasks)
+
+    return TaskSource("classification", train_images, sample_train, heldout)
 
 
 def build_model(cfg, key: jax.Array) -> Model:

@@ -430,7 +430,7 @@ def check_meta_grad(estimator: MetaGradEstimator, loss_fn: LossFn, meta_params: 
 
     Both are computed in float64. With :math:`\mathcal{L}` the estimator's ``objective`` and
     :math:`g` its meta-gradient, for directions :math:`v_k` (every coordinate by default, or
-    ``num_directions`` random Gaussian ones):
+    ``num_directions`` random unit-length ones):
 
     .. math:: d_k = \frac{\mathcal{L}(\theta + \epsilon v_k) - \mathcal{L}(\theta - \epsilon v_k)}
               {2\epsilon}, \qquad
@@ -457,6 +457,8 @@ def check_meta_grad(estimator: MetaGradEstimator, loss_fn: LossFn, meta_params: 
         else:
             key = jax.random.key(0) if key is None else key
             directions = jax.random.normal(key, (num_directions, n), jnp.float64)
+            # Unit length, so eps is the step actually taken (a kink of ReLU is less likely hit).
+            directions = directions / jnp.linalg.norm(directions, axis=1, keepdims=True)
         f = jax.jit(lambda x: estimator.objective(loss_fn, unravel(x), task64, jnp.asarray(step))[0])
         fd = lax.map(lambda v: (f(flat + eps * v) - f(flat - eps * v)) / (2 * eps), directions)
         projected = directions @ g_flat

@@ -84,10 +84,10 @@ def _chunk_fn(exp: Experiment, learner):
     base_key = jax.random.key(exp.cfg.seed + 1)
 
     @jax.jit
-    def run(state: MetaState, n_steps_marker: jax.Array):
+    def run(state: MetaState, data, n_steps_marker: jax.Array):
         def body(state, _):
             key = jax.random.fold_in(base_key, state.step)  # the stream depends on the step only
-            state, metrics = learner.update(state, exp.source.sample_train(key, batch))
+            state, metrics = learner.update(state, exp.source.sample_train(data, key, batch))
             return state, metrics
 
         state, metrics = lax.scan(body, state, None, length=n_steps_marker.shape[0])
@@ -130,6 +130,7 @@ def train(cfg, run_dir: str | Path) -> dict:
 
     chunk_jit = _chunk_fn(exp, learner)
     compiled: dict[int, Any] = {}
+    data = exp.source.train_data
     compile_seconds = 0.0
 
     def run_chunk(state, n):  # compiled ahead of time, so speed and compile time are separate
@@ -137,9 +138,9 @@ def train(cfg, run_dir: str | Path) -> dict:
         marker = jnp.zeros((n, 0))
         if n not in compiled:
             tic = time.perf_counter()
-            compiled[n] = chunk_jit.lower(state, marker).compile()
+            compiled[n] = chunk_jit.lower(state, data, marker).compile()
             compile_seconds += time.perf_counter() - tic
-        return compiled[n](state, marker)
+        return compiled[n](state, data, marker)
 
     start = int(state.step)
     bar = tqdm(total=t.steps, initial=start, disable=not t.progress, desc="meta-train",

@@ -52,7 +52,7 @@ def _drawing(seed: int) -> np.ndarray:
 
 def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")  # bool arrays become mode '1', as the real
+    Image.fromarray(image).save(buffer, format="PNG")  # bool -> mode '1', as in the real zips
     return buffer.getvalue()
 
 
@@ -93,7 +93,7 @@ def write_zips(root: Path, files: dict[str, bytes]) -> Path:
             for path, data in files.items():
                 if path.startswith(half + "/"):
                     parts = path.split("/")
-                    for depth in range(1, len(parts)):  # explicit folder entries, as the real
+                    for depth in range(1, len(parts)):  # folder entries, as in the real zips
                         folders.add("/".join(parts[:depth]) + "/")
                     archive.writestr(path, data)
             for folder in sorted(folders):

@@ -56,16 +56,16 @@ def adapt_mask(params: PyTree, *, head_only: bool = False, adapt_batchnorm: bool
     """Which parameters the inner loop adapts, for models whose last layer is named ``head``.
 
     ``head_only=True`` is ANIL; ``adapt_batchnorm=False`` keeps batch-norm scales and biases
-    (modules named ``norm...``) fixed in the inner loop.
+    (modules named ``norm...`` at any depth) fixed in the inner loop.
 
     Example:
         >>> adapt_mask({"conv": {"w": 0}, "norm0": {"scale": 0}, "head": {"w": 0}}, adapt_batchnorm=False)
         {'conv': {'w': True}, 'head': {'w': True}, 'norm0': {'scale': False}}
     """
     def keep(path: str) -> bool:
-        top = path.split("/")[0]
+        parts = path.split("/")
         if head_only:
-            return top == "head"
-        return adapt_batchnorm or not top.startswith("norm")
+            return parts[0] == "head"
+        return adapt_batchnorm or not any(p.startswith("norm") for p in parts)
 
     return mask_by_path(params, keep)

@@ -1,5 +1,10 @@
-"""Task families: each samples `Task(support, query)` batches on the device from an explicit key."""
+"""Task families: each samples `Task(support, query)` batches on the device from an explicit key.
 
+- :mod:`metagrad.tasks.sinusoid`: Finn et al.'s sinusoid regression.
+- :mod:`metagrad.tasks.omniglot`: Omniglot N-way K-shot classification from the official zips.
+"""
+
+from metagrad.tasks import omniglot, sinusoid
 from metagrad.tasks.base import Task
 
-__all__ = ["Task"]
+__all__ = ["Task", "omniglot", "sinusoid"]
