@@ -48,17 +48,27 @@ def main() -> dict:
     args = parser.parse_args()
 
     theta = jnp.array([0.1, -0.1, 0.0])
-    batch = (jnp.tile(jnp.array([1.0, 2.0, -1.0]), (args.batch, 1)), jnp.ones(args.batch),
-             jnp.tile(jnp.array([2.0, 1.0, 0.0]), (args.batch, 1)))
+    batch = (
+        jnp.tile(jnp.array([1.0, 2.0, -1.0]), (args.batch, 1)),
+        jnp.ones(args.batch),
+        jnp.tile(jnp.array([2.0, 1.0, 0.0]), (args.batch, 1)),
+    )
     unjitted = jax.vmap(jax.grad(td_loss), in_axes=(None, 0, 0, 0))
     jitted = mg.per_example_grads(td_loss, in_axes=(None, 0, 0, 0))
     t_eager = time_call(unjitted, (theta, *batch), max(args.repeats // 10, 10))
     t_jit = time_call(jitted, (theta, *batch), args.repeats)
-    result = {"batch": args.batch, "vmap_grad_s": t_eager, "jit_vmap_grad_s": t_jit,
-              "speedup": t_eager / t_jit, "backend": jax.default_backend(),
-              "jax": jax.__version__}
-    print(f"vmap(grad) unjitted: {t_eager * 1e3:.3f} ms   jit(vmap(grad)): {t_jit * 1e6:.1f} us   "
-          f"ratio: {result['speedup']:.0f}x   ({result['backend']}, batch {args.batch})")
+    result = {
+        "batch": args.batch,
+        "vmap_grad_s": t_eager,
+        "jit_vmap_grad_s": t_jit,
+        "speedup": t_eager / t_jit,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+    }
+    print(
+        f"vmap(grad) unjitted: {t_eager * 1e3:.3f} ms   jit(vmap(grad)): {t_jit * 1e6:.1f} us   "
+        f"ratio: {result['speedup']:.0f}x   ({result['backend']}, batch {args.batch})"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

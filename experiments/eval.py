@@ -32,8 +32,10 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
 def load_config(run_dir: Path, overrides: list[str]):
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
-        raise ConfigError(f"run_dir={run_dir}: no {saved.relative_to(run_dir)} there; pass the "
-                          "directory of a run made by experiments/train.py")
+        raise ConfigError(
+            f"run_dir={run_dir}: no {saved.relative_to(run_dir)} there; pass the "
+            "directory of a run made by experiments/train.py"
+        )
     if not (run_dir / "checkpoints").is_dir():
         raise ConfigError(f"run_dir={run_dir}: the run has no checkpoints/ folder")
     schema = OmegaConf.structured(Config)
@@ -58,7 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     from metagrad.train import Experiment, evaluate_checkpoint, write_results
 
     exp = Experiment.from_config(cfg)
-    template = meta_learner(exp.model.loss_fn, exp.estimator, exp.optimizer, jit=False).init(exp.meta_params)
+    template = meta_learner(exp.model.loss_fn, exp.estimator, exp.optimizer, jit=False).init(
+        exp.meta_params
+    )
     ckpt = Checkpoints(run_dir)
     results = evaluate_checkpoint(exp, ckpt, template, which=cfg.eval.checkpoint)
     ckpt.close()
@@ -67,9 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
     write_results(exp, run_dir, results, name)
     steps = results["eval_inner_steps"]
     metric = "acc" if "eval_acc_post" in results else "loss"
-    print(f"eval_{metric}_post={results[f'eval_{metric}_post']:.4f} "
-          f"(+-{results[f'eval_{metric}_post_ci95']:.4f}) after {steps} steps, "
-          f"{cfg.eval.tasks} tasks, {cfg.eval.checkpoint} checkpoint -> {run_dir / name}")
+    print(
+        f"eval_{metric}_post={results[f'eval_{metric}_post']:.4f} "
+        f"(+-{results[f'eval_{metric}_post_ci95']:.4f}) after {steps} steps, "
+        f"{cfg.eval.tasks} tasks, {cfg.eval.checkpoint} checkpoint -> {run_dir / name}"
+    )
     return results
 
 

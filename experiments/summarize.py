@@ -41,8 +41,14 @@ def summarize(sweep_dir: Path, metric: str = "eval_loss_post") -> list[dict]:
     for setting, values in groups.items():
         v = np.asarray(values)
         ci = 1.96 * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
-        rows.append({"setting": setting, "seeds": len(v), f"{metric}_mean": float(v.mean()),
-                     f"{metric}_ci95": float(ci)})
+        rows.append(
+            {
+                "setting": setting,
+                "seeds": len(v),
+                f"{metric}_mean": float(v.mean()),
+                f"{metric}_ci95": float(ci),
+            }
+        )
     return rows
 
 
@@ -59,8 +65,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     width = max(len(r["setting"]) for r in rows)
     lines = [f"{'setting':<{width}}  seeds  {args.metric} (mean +- 95% CI)"]
     for r in rows:
-        lines.append(f"{r['setting']:<{width}}  {r['seeds']:>5}  "
-                     f"{r[f'{args.metric}_mean']:.4f} +- {r[f'{args.metric}_ci95']:.4f}")
+        lines.append(
+            f"{r['setting']:<{width}}  {r['seeds']:>5}  "
+            f"{r[f'{args.metric}_mean']:.4f} +- {r[f'{args.metric}_ci95']:.4f}"
+        )
     text = "\n".join(lines)
     print(text)
     (args.sweep_dir / "summary.txt").write_text(text + "\n")

@@ -34,13 +34,18 @@ def main(cfg: DictConfig) -> float:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    keys = [k for k in ("eval_loss_pre", "eval_loss_post", "eval_acc_pre", "eval_acc_post")
-            if k in results]
+    keys = [
+        k
+        for k in ("eval_loss_pre", "eval_loss_post", "eval_acc_pre", "eval_acc_post")
+        if k in results
+    ]
     summary = "  ".join(f"{k}={results[k]:.4f}" for k in keys)
     ci = results.get("eval_acc_post_ci95", results["eval_loss_post_ci95"])
     speed = results["steps_per_sec"]
-    print(f"{summary}  (+-{ci:.4f}, {cfg.eval.tasks} test tasks, {results['eval_inner_steps']} "
-          f"inner steps)  {speed or 0:.0f} meta-steps/s  -> {run_dir}")
+    print(
+        f"{summary}  (+-{ci:.4f}, {cfg.eval.tasks} test tasks, {results['eval_inner_steps']} "
+        f"inner steps)  {speed or 0:.0f} meta-steps/s  -> {run_dir}"
+    )
     return results["val_objective"]  # what sweepers minimise: validation, never test
 
 

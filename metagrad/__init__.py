@@ -4,6 +4,7 @@ The public API, re-exported from the modules that define it (``tests/test_public
 this list).
 """
 
+from metagrad import quant
 from metagrad.autodiff import (
     Estimate,
     clip_per_example,
@@ -65,6 +66,7 @@ __all__ = [
     "hvp",
     "per_example_grad_norms",
     "per_example_grads",
+    "quant",
     "straight_through",
     "td_loss",
 ]

@@ -121,8 +121,10 @@ class Estimate(NamedTuple):
 def _rademacher_like(key: jax.Array, tree: PyTree) -> PyTree:
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
-    signs = [jax.random.rademacher(k, jnp.shape(x), dtype=jnp.result_type(x))
-             for k, x in zip(keys, leaves, strict=True)]
+    signs = [
+        jax.random.rademacher(k, jnp.shape(x), dtype=jnp.result_type(x))
+        for k, x in zip(keys, leaves, strict=True)
+    ]
     return jax.tree.unflatten(treedef, signs)
 
 
@@ -142,7 +144,8 @@ def _mean_and_stderr(samples: jax.Array) -> Estimate:
 def hutchinson_trace(f: Callable, x: PyTree, key: jax.Array, *, num_samples: int = 100) -> Estimate:
     r"""Hutchinson's estimate of :math:`\operatorname{tr} \nabla^2 f(x)`.
 
-    With Rademacher probes :math:`v` (entries :math:`\pm 1`), :math:`E[v^\top H v] = \operatorname{tr} H`;
+    With Rademacher probes :math:`v` (entries :math:`\pm 1`),
+    :math:`E[v^\top H v] = \operatorname{tr} H`;
     the estimate averages ``num_samples`` such products (each one :func:`hvp`) and reports the
     standard error of that average.
 
@@ -153,12 +156,16 @@ def hutchinson_trace(f: Callable, x: PyTree, key: jax.Array, *, num_samples: int
         (12.0, 0.0)
     """
     probes, hv = _hutchinson_samples(f, x, key, num_samples)
-    per_sample = sum(jnp.sum((p * h).reshape(num_samples, -1), axis=1)
-                     for p, h in zip(jax.tree.leaves(probes), jax.tree.leaves(hv), strict=True))
+    per_sample = sum(
+        jnp.sum((p * h).reshape(num_samples, -1), axis=1)
+        for p, h in zip(jax.tree.leaves(probes), jax.tree.leaves(hv), strict=True)
+    )
     return _mean_and_stderr(per_sample)
 
 
-def hutchinson_diagonal(f: Callable, x: PyTree, key: jax.Array, *, num_samples: int = 100) -> Estimate:
+def hutchinson_diagonal(
+    f: Callable, x: PyTree, key: jax.Array, *, num_samples: int = 100
+) -> Estimate:
     r"""Hutchinson-style estimate of the Hessian's diagonal, :math:`E[v \odot H v]`.
 
     With Rademacher probes, :math:`E[v_i (Hv)_i] = H_{ii}`; mean and standard error are pytrees
@@ -174,12 +181,15 @@ def hutchinson_diagonal(f: Callable, x: PyTree, key: jax.Array, *, num_samples: 
     products = jax.tree.map(lambda p, h: p * h, probes, hv)
     estimates = jax.tree.map(_mean_and_stderr, products)
     is_est = lambda t: isinstance(t, Estimate)
-    return Estimate(jax.tree.map(lambda e: e.mean, estimates, is_leaf=is_est),
-                    jax.tree.map(lambda e: e.stderr, estimates, is_leaf=is_est))
+    return Estimate(
+        jax.tree.map(lambda e: e.mean, estimates, is_leaf=is_est),
+        jax.tree.map(lambda e: e.stderr, estimates, is_leaf=is_est),
+    )
 
 
-def per_example_grads(loss_fn: Callable, in_axes: Sequence[int | None], *,
-                      has_aux: bool = False, argnums: int = 0) -> Callable:
+def per_example_grads(
+    loss_fn: Callable, in_axes: Sequence[int | None], *, has_aux: bool = False, argnums: int = 0
+) -> Callable:
     r"""Per-example gradients: ``jit(vmap(grad(loss_fn), in_axes))``, as in the JAX tutorial.
 
     For a batch :math:`\{(x_b)\}`, returns :math:`\nabla_\theta \ell(\theta, x_b)` for every ``b``,
@@ -193,7 +203,8 @@ def per_example_grads(loss_fn: Callable, in_axes: Sequence[int | None], *,
 
     Example:
         >>> loss = lambda w, x: jnp.sum(w * x) ** 2
-        >>> g = per_example_grads(loss, in_axes=(None, 0))(jnp.ones(2), jnp.array([[1.0, 0.0], [1.0, 1.0]]))
+        >>> xs = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+        >>> g = per_example_grads(loss, in_axes=(None, 0))(jnp.ones(2), xs)
         >>> g.tolist()  # 2 (w.x) x, row by row
         [[2.0, 0.0], [4.0, 4.0]]
     """
@@ -201,7 +212,7 @@ def per_example_grads(loss_fn: Callable, in_axes: Sequence[int | None], *,
 
 
 def per_example_grad_norms(grads: PyTree) -> jax.Array:
-    r"""Global L2 norm of each example's gradient: :math:`\|g_b\|_2` over all leaves, shape ``(B,)``.
+    r"""Global L2 norm of each example's gradient, :math:`\|g_b\|_2` over all leaves: ``(B,)``.
 
     Example:
         >>> per_example_grad_norms({"w": jnp.array([[3.0, 4.0], [0.0, 1.0]])}).tolist()
@@ -238,5 +249,6 @@ def _check_same_structure(a: PyTree, b: PyTree, fn: str, a_name: str, b_name: st
         raise ValueError(f"{fn}: {b_name} must have the structure of {a_name}; got {sb} vs {sa}")
     for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         if jnp.shape(la) != jnp.shape(lb):
-            raise ValueError(f"{fn}: {b_name} leaf shape {jnp.shape(lb)} != {a_name} leaf "
-                             f"shape {jnp.shape(la)}")
+            raise ValueError(
+                f"{fn}: {b_name} leaf shape {jnp.shape(lb)} != {a_name} leaf shape {jnp.shape(la)}"
+            )

@@ -47,12 +47,14 @@ class TaskSource:
 def build_task_source(cfg) -> TaskSource:
     t = cfg.task
     if t.name == "sinusoid":
+
         def sample_train(data, key, batch_size):
             return sinusoid.sample_batch(key, batch_size, shots=t.shots, query=t.query)
 
         def heldout(split, num_tasks, shots, query):
-            return sinusoid.sample_batch(sinusoid.heldout_key(split), num_tasks, shots=shots,
-                                         query=query)
+            return sinusoid.sample_batch(
+                sinusoid.heldout_key(split), num_tasks, shots=shots, query=query
+            )
 
         return TaskSource("regression", None, sample_train, heldout)
     return omniglot_task_source(cfg)
@@ -76,8 +78,9 @@ def omniglot_task_source(cfg) -> TaskSource:
 
     def sample_train(images, key, batch_size):
         keys = jax.random.split(key, batch_size)
-        return jax.vmap(lambda k: omniglot.sample_task(images, k, ways=t.ways, shots=t.shots,
-                                                       query=t.query))(keys)
+        return jax.vmap(
+            lambda k: omniglot.sample_task(images, k, ways=t.ways, shots=t.shots, query=t.query)
+        )(keys)
 
     def heldout(split, num_tasks, shots, query):
         sampler = omniglot.make_sampler(splits[split], ways=t.ways, shots=shots, query=query)
@@ -97,8 +100,14 @@ def build_model(cfg, key: jax.Array) -> Model:
             module = mnn.QuantMLP(1, tuple(m.hidden), 1, rngs=rngs, **quant)
         params, apply = mnn.functional(module)
         return Model(params, apply, mnn.mse_loss(apply), None, False)
-    conv_kw = dict(hidden=m.channels, downsample=m.downsample, conv_impl=m.conv_impl,
-                   bn_policy=m.bn_policy, steps=max(steps, 1), rngs=rngs)
+    conv_kw = dict(
+        hidden=m.channels,
+        downsample=m.downsample,
+        conv_impl=m.conv_impl,
+        bn_policy=m.bn_policy,
+        steps=max(steps, 1),
+        rngs=rngs,
+    )
     if m.name == "conv4":
         module = mnn.Conv4(1, cfg.task.ways, **conv_kw)
     else:
@@ -123,11 +132,16 @@ def initial_lr(cfg, params) -> Any:
 def build_estimator(cfg, model: Model, *, steps: int | None = None) -> MetaGradEstimator:
     a, inner = cfg.algo, cfg.inner
     steps = inner.steps if steps is None else steps
-    kw = dict(steps=steps, lr=None if a.learn_lr else inner.lr, remat=inner.remat,
-              metrics_fn=model.metrics_fn)
+    kw = dict(
+        steps=steps,
+        lr=None if a.learn_lr else inner.lr,
+        remat=inner.remat,
+        metrics_fn=model.metrics_fn,
+    )
     if a.head_only or not a.adapt_batchnorm:
-        kw["mask"] = mnn.adapt_mask(model.params, head_only=a.head_only,
-                                    adapt_batchnorm=a.adapt_batchnorm)
+        kw["mask"] = mnn.adapt_mask(
+            model.params, head_only=a.head_only, adapt_batchnorm=a.adapt_batchnorm
+        )
     if a.name == "reptile":
         return reptile(**kw)
     if a.name == "imaml":
@@ -142,7 +156,9 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
     o = cfg.outer
     lr = o.lr
     if o.schedule == "cosine":
-        lr = optax.cosine_decay_schedule(o.lr, decay_steps=max(cfg.train.steps, 1), alpha=o.min_lr_ratio)
+        lr = optax.cosine_decay_schedule(
+            o.lr, decay_steps=max(cfg.train.steps, 1), alpha=o.min_lr_ratio
+        )
     opt = optax.adam(lr) if o.optimizer == "adam" else optax.sgd(lr)
     if o.clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)

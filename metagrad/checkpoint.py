@@ -25,8 +25,11 @@ class Checkpoints:
     def __init__(self, run_dir: str | Path, *, keep: int = 2):
         root = Path(run_dir).absolute() / "checkpoints"
         opts = lambda n: ocp.CheckpointManagerOptions(
-            max_to_keep=n, create=True, enable_async_checkpointing=False,
-            cleanup_tmp_directories=True)  # a write cut short by a kill is dropped on restart
+            max_to_keep=n,
+            create=True,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+        )  # a write cut short by a kill is dropped on restart
         self.last = ocp.CheckpointManager(root / "last", options=opts(keep))
         self.best = ocp.CheckpointManager(root / "best", options=opts(1))
 
@@ -51,8 +54,10 @@ class Checkpoints:
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"no {which!r} checkpoint in {manager.directory}")
-        template = {"state": template_state,
-                    "extra": {k: np.asarray(v) for k, v in (extra or {}).items()}}
+        template = {
+            "state": template_state,
+            "extra": {k: np.asarray(v) for k, v in (extra or {}).items()},
+        }
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         item = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         return step, item["state"], {k: np.asarray(v) for k, v in item["extra"].items()}

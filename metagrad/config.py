@@ -126,6 +126,7 @@ def validate(cfg: Any) -> None:
 
     Runs before any data is loaded or anything is compiled.
     """
+
     def need(key: str, ok, what: str):
         value = _get(cfg, key)
         if not ok(value):
@@ -150,13 +151,22 @@ def validate(cfg: Any) -> None:
     need("train.chunk_steps", positive, "must be a positive integer")
     chunk = _get(cfg, "train.chunk_steps")
     for key in ("train.eval_every", "train.checkpoint_every"):
-        need(key, lambda v: v > 0 and v % chunk == 0,
-             f"must be a positive multiple of train.chunk_steps={chunk} (saves and validation "
-             "happen between compiled chunks)")
-    need("train.task_batching", lambda v: v in ("auto", "vmap", "map") or str(v).isdigit(),
-         "must be auto, vmap, map or a positive integer")
-    need("train.devices", lambda v: str(v) == "all" or (str(v).isdigit() and int(v) >= 1),
-         "must be a positive integer or 'all'")
+        need(
+            key,
+            lambda v: v > 0 and v % chunk == 0,
+            f"must be a positive multiple of train.chunk_steps={chunk} (saves and validation "
+            "happen between compiled chunks)",
+        )
+    need(
+        "train.task_batching",
+        lambda v: v in ("auto", "vmap", "map") or str(v).isdigit(),
+        "must be auto, vmap, map or a positive integer",
+    )
+    need(
+        "train.devices",
+        lambda v: str(v) == "all" or (str(v).isdigit() and int(v) >= 1),
+        "must be a positive integer or 'all'",
+    )
     need("eval.tasks", positive, "must be a positive integer")
     need("eval.val_tasks", positive, "must be a positive integer")
     need("eval.shots", lambda v: v is None or v > 0, "must be a positive integer or null")
@@ -165,18 +175,30 @@ def validate(cfg: Any) -> None:
     need("eval.curve_steps", lambda v: v >= 0, "must be >= 0")
     need("eval.checkpoint", lambda v: v in ("best", "last"), "must be 'best' or 'last'")
     need("eval.batch_size", positive, "must be a positive integer")
-    need("model.bn_policy", lambda v: v in ("transductive", "per_step", "support"),
-         "must be transductive, per_step or support")
+    need(
+        "model.bn_policy",
+        lambda v: v in ("transductive", "per_step", "support"),
+        "must be transductive, per_step or support",
+    )
     need("model.downsample", lambda v: v in ("strided", "maxpool"), "must be strided or maxpool")
-    need("model.conv_impl", lambda v: v in ("auto", "lax", "patches"), "must be auto, lax or patches")
+    need(
+        "model.conv_impl", lambda v: v in ("auto", "lax", "patches"), "must be auto, lax or patches"
+    )
     need("model.weight_bits", lambda v: v is None or 1 <= v <= 16, "must be 1..16 or null")
     need("model.act_bits", lambda v: v is None or 1 <= v <= 16, "must be 1..16 or null")
-    need("model.quantizer", lambda v: v in ("uniform", "ternary", "lsq"),
-         "must be uniform, ternary or lsq")
+    need(
+        "model.quantizer",
+        lambda v: v in ("uniform", "ternary", "lsq"),
+        "must be uniform, ternary or lsq",
+    )
     need("algo.reg", positive, "must be positive")
     algo, task, model = _get(cfg, "algo.name"), _get(cfg, "task.name"), _get(cfg, "model.name")
     if algo in ("reptile", "mamlpp", "imaml") and _get(cfg, "inner.steps") < 1:
-        raise ConfigError(f"inner.steps={_get(cfg, 'inner.steps')!r}: {algo} needs at least one step")
+        raise ConfigError(
+            f"inner.steps={_get(cfg, 'inner.steps')!r}: {algo} needs at least one step"
+        )
     if (task == "sinusoid") != model.startswith("mlp"):
-        raise ConfigError(f"model.name={model!r}: task {task} needs "
-                          f"{'an mlp' if task == 'sinusoid' else 'a conv4'} model")
+        raise ConfigError(
+            f"model.name={model!r}: task {task} needs "
+            f"{'an mlp' if task == 'sinusoid' else 'a conv4'} model"
+        )

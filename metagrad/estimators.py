@@ -39,14 +39,24 @@ def straight_through(f: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array
     return g
 
 
-def td_loss(value_fn: Callable, params, s_tm1, r_t, s_t, *, discount: float = 1.0,
-            semi_gradient: bool = True) -> jax.Array:
+def td_loss(
+    value_fn: Callable,
+    params,
+    s_tm1,
+    r_t,
+    s_t,
+    *,
+    discount: float = 1.0,
+    semi_gradient: bool = True,
+) -> jax.Array:
     r"""Squared TD(0) error, with the bootstrapped target under ``stop_gradient`` by default.
 
-    .. math:: L(\theta) = \big(\operatorname{sg}(r_t + \gamma v_\theta(s_t)) - v_\theta(s_{t-1})\big)^2
+    .. math::
+        L(\theta) = \big(\operatorname{sg}(r_t + \gamma v_\theta(s_t)) - v_\theta(s_{t-1})\big)^2
 
     Differentiating ``L`` gives the TD(0) *semi-gradient* update
-    :math:`-2\delta\, \nabla v_\theta(s_{t-1})` with :math:`\delta = r_t + \gamma v(s_t) - v(s_{t-1})`:
+    :math:`-2\delta\, \nabla v_\theta(s_{t-1})` with
+    :math:`\delta = r_t + \gamma v(s_t) - v(s_{t-1})`:
     the target is treated as a label, as in the JAX tutorial. With ``semi_gradient=False`` the
     target is differentiated too (the residual gradient), which is usually not what TD learning
     wants.

@@ -28,15 +28,26 @@ def ci95(values: np.ndarray, axis: int = 0) -> np.ndarray:
 
 def extend_per_step(lr: Any, steps: int) -> Any:
     """A per-step rate pytree with at least ``steps`` entries, repeating the last rate."""
+
     def pad(a):
         extra = steps - a.shape[0]
         return a if extra <= 0 else jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)])
+
     return jax.tree.map(pad, lr)
 
 
-def make_curve_fn(loss_fn: Callable, metrics_fn: Callable | None, *, steps: int, lr=None,
-                  per_step: bool = False, mask=None, step_arg: bool = False,
-                  prox_reg: float | None = None, batch_size: int = 100) -> Callable:
+def make_curve_fn(
+    loss_fn: Callable,
+    metrics_fn: Callable | None,
+    *,
+    steps: int,
+    lr=None,
+    per_step: bool = False,
+    mask=None,
+    step_arg: bool = False,
+    prox_reg: float | None = None,
+    batch_size: int = 100,
+) -> Callable:
     r"""A jitted ``curves(meta_params, tasks) -> dict`` of per-task curves over inner steps.
 
     ``curves.path(meta_params, support)`` gives the adapted parameters themselves. For each
@@ -45,22 +56,36 @@ def make_curve_fn(loss_fn: Callable, metrics_fn: Callable | None, *, steps: int,
     rates come from ``meta_params["lr"]``; with ``prox_reg`` (iMAML) the inner loop minimises
     :math:`L(\phi; S) + \frac{\lambda}{2}\|\phi - \theta\|^2`, as in training.
     """
+
     def path(meta_params, support):
         """Parameters after 0..steps inner steps, stacked on a leading axis."""
         theta = meta_params["params"]
         rate = meta_params.get("lr", lr)
         inner_loss = loss_fn
         if prox_reg is not None:
+
             def inner_loss(p, b):
-                sq = sum(jnp.sum((x - y) ** 2)
-                         for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(theta), strict=True))
+                sq = sum(
+                    jnp.sum((x - y) ** 2)
+                    for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(theta), strict=True)
+                )
                 return loss_fn(p, b) + 0.5 * prox_reg * sq
+
         if steps == 0:
             return jax.tree.map(lambda t0: t0[None], theta)
         if per_step:
             rate = jax.tree.map(lambda a: a[:steps], extend_per_step(rate, steps))
-        _, traj = adapt(inner_loss, theta, support, steps=steps, lr=rate, per_step=per_step,
-                        mask=mask, step_arg=step_arg, return_trajectory=True)
+        _, traj = adapt(
+            inner_loss,
+            theta,
+            support,
+            steps=steps,
+            lr=rate,
+            per_step=per_step,
+            mask=mask,
+            step_arg=step_arg,
+            return_trajectory=True,
+        )
         return jax.tree.map(lambda t0, t: jnp.concatenate([t0[None], t]), theta, traj)
 
     def one_task(meta_params, task: Task):
@@ -75,8 +100,11 @@ def make_curve_fn(loss_fn: Callable, metrics_fn: Callable | None, *, steps: int,
 
         return jax.vmap(at)(path(meta_params, task.support), idx)
 
-    compiled = jax.jit(lambda meta_params, tasks: lax.map(
-        lambda t: one_task(meta_params, t), tasks, batch_size=batch_size))
+    compiled = jax.jit(
+        lambda meta_params, tasks: lax.map(
+            lambda t: one_task(meta_params, t), tasks, batch_size=batch_size
+        )
+    )
 
     def curves(meta_params, tasks):
         return compiled(meta_params, tasks)

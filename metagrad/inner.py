@@ -20,6 +20,7 @@ LossFn = Callable[..., jax.Array]
 
 # --- which parameters adapt ------------------------------------------------------------------
 
+
 def mask_by_path(params: PyTree, predicate: Callable[[str], bool]) -> PyTree:
     """A params-shaped pytree of Python bools: ``predicate(path)`` for each leaf.
 
@@ -51,8 +52,10 @@ def _check_mask(params: PyTree, mask: PyTree | None) -> list[bool]:
         return [True] * len(leaves)
     mask_leaves, mask_def = jax.tree.flatten(mask)
     if mask_def != treedef:
-        raise ValueError(f"mask must be a params-shaped pytree of bools; got structure {mask_def}, "
-                         f"params have {treedef}")
+        raise ValueError(
+            f"mask must be a params-shaped pytree of bools; got structure {mask_def}, "
+            f"params have {treedef}"
+        )
     if not all(isinstance(m, bool) for m in mask_leaves):
         raise ValueError("mask leaves must be Python bools (static), not arrays")
     if not any(mask_leaves):
@@ -74,6 +77,7 @@ def _split(params: PyTree, mask_leaves: list[bool]):
 
 # --- learning rates ----------------------------------------------------------------------------
 
+
 def _lr_leaves(lr, params: PyTree, mask_leaves: list[bool], steps: int, per_step: bool):
     """Validates ``lr`` and returns one entry per adapted leaf (with a leading steps axis if
     ``per_step``), or one shared scalar-like entry."""
@@ -81,29 +85,38 @@ def _lr_leaves(lr, params: PyTree, mask_leaves: list[bool], steps: int, per_step
     lead = (steps,) if per_step else ()
     if isinstance(lr, bool) or lr is None:
         raise ValueError(f"lr must be a number, an array or a params-shaped pytree, got {lr!r}")
-    if isinstance(lr, int | float) or (hasattr(lr, "shape") and not isinstance(lr, dict | list | tuple)):
+    if isinstance(lr, int | float) or (
+        hasattr(lr, "shape") and not isinstance(lr, dict | list | tuple)
+    ):
         shape = jnp.shape(lr)
         if shape != lead:
             want = f"shape ({steps},) with per_step=True" if per_step else "a scalar"
-            raise ValueError(f"lr must be {want}; got shape {shape}. A per-parameter lr is a "
-                             "params-shaped pytree; a per-step lr needs per_step=True.")
+            raise ValueError(
+                f"lr must be {want}; got shape {shape}. A per-parameter lr is a "
+                "params-shaped pytree; a per-step lr needs per_step=True."
+            )
         return "shared", lr
     lr_leaves, lr_def = jax.tree.flatten(lr)
     if lr_def != treedef:
-        raise ValueError(f"lr pytree must match params' structure; got {lr_def}, params have {treedef}")
+        raise ValueError(
+            f"lr pytree must match params' structure; got {lr_def}, params have {treedef}"
+        )
     out = []
     for i, (p, a, m) in enumerate(zip(param_leaves, lr_leaves, mask_leaves, strict=True)):
         a_shape = jnp.shape(a)
-        if a_shape[:len(lead)] != lead:
-            raise ValueError(f"lr leaf {i}: per_step=True needs a leading axis of {steps} steps, "
-                             f"got shape {a_shape}")
+        if a_shape[: len(lead)] != lead:
+            raise ValueError(
+                f"lr leaf {i}: per_step=True needs a leading axis of {steps} steps, "
+                f"got shape {a_shape}"
+            )
         try:
-            if jnp.broadcast_shapes(a_shape[len(lead):], jnp.shape(p)) != jnp.shape(p):
+            if jnp.broadcast_shapes(a_shape[len(lead) :], jnp.shape(p)) != jnp.shape(p):
                 raise ValueError
         except ValueError:
-            raise ValueError(f"lr leaf {i} of shape {a_shape} does not broadcast to its parameter "
-                             f"of shape {jnp.shape(p)}" + (" after the steps axis" if per_step else "")
-                             ) from None
+            raise ValueError(
+                f"lr leaf {i} of shape {a_shape} does not broadcast to its parameter "
+                f"of shape {jnp.shape(p)}" + (" after the steps axis" if per_step else "")
+            ) from None
         if m:
             out.append(a)
     return "leaves", out
@@ -116,7 +129,10 @@ def _validate_steps(steps) -> None:
 
 # --- the inner loop ----------------------------------------------------------------------------
 
-def sgd_step(loss_fn: LossFn, params: PyTree, batch: Any, lr, *, first_order: bool = False) -> PyTree:
+
+def sgd_step(
+    loss_fn: LossFn, params: PyTree, batch: Any, lr, *, first_order: bool = False
+) -> PyTree:
     r"""One differentiable SGD step, :math:`\phi = \theta - \alpha \nabla_\theta L(\theta; B)`.
 
     ``lr`` (:math:`\alpha`) is a scalar or a params-shaped pytree (Meta-SGD's elementwise rates).
@@ -131,10 +147,22 @@ def sgd_step(loss_fn: LossFn, params: PyTree, batch: Any, lr, *, first_order: bo
     return adapt(loss_fn, params, batch, steps=1, lr=lr, first_order=first_order, unroll=True)
 
 
-def adapt(loss_fn: LossFn, params: PyTree, batch: Any, *, steps: int, lr, first_order: bool = False,
-          per_step: bool = False, mask: PyTree | None = None,
-          optimizer: optax.GradientTransformation | None = None, remat: bool = False,
-          unroll: bool = False, return_trajectory: bool = False, step_arg: bool = False):
+def adapt(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    steps: int,
+    lr,
+    first_order: bool = False,
+    per_step: bool = False,
+    mask: PyTree | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    remat: bool = False,
+    unroll: bool = False,
+    return_trajectory: bool = False,
+    step_arg: bool = False,
+):
     r"""The inner loop: ``steps`` differentiable gradient steps on ``loss_fn(params, batch)``.
 
     .. math:: \phi_0 = \theta, \qquad
@@ -185,8 +213,10 @@ def adapt(loss_fn: LossFn, params: PyTree, batch: Any, *, steps: int, lr, first_
     if optimizer is None:
         lr_kind, lr_val = _lr_leaves(lr, params, mask_leaves, steps, per_step)
     elif lr is not None:
-        raise ValueError("pass either lr (SGD) or optimizer, not both: the optax optimizer "
-                         "carries its own learning rate")
+        raise ValueError(
+            "pass either lr (SGD) or optimizer, not both: the optax optimizer "
+            "carries its own learning rate"
+        )
     adapted0, combine = _split(params, mask_leaves)
 
     def inner_loss(adapted_leaves, step):
@@ -198,6 +228,7 @@ def adapt(loss_fn: LossFn, params: PyTree, batch: Any, *, steps: int, lr, first_
         return lax.stop_gradient(g) if first_order else g
 
     if optimizer is None:
+
         def step_fn(carry, xs):
             leaves = carry
             step, lr_i = xs
@@ -205,12 +236,15 @@ def adapt(loss_fn: LossFn, params: PyTree, batch: Any, *, steps: int, lr, first_
             if lr_kind == "shared":
                 new = [p - (lr_i * gi).astype(p.dtype) for p, gi in zip(leaves, g, strict=True)]
             else:
-                new = [p - (a * gi).astype(p.dtype) for p, a, gi in zip(leaves, lr_i, g, strict=True)]
+                new = [
+                    p - (a * gi).astype(p.dtype) for p, a, gi in zip(leaves, lr_i, g, strict=True)
+                ]
             return new, new
 
         carry0 = adapted0
         lr_xs = lr_val if per_step else None
     else:
+
         def step_fn(carry, xs):
             leaves, opt_state = carry
             step, _ = xs
@@ -231,8 +265,11 @@ def adapt(loss_fn: LossFn, params: PyTree, batch: Any, *, steps: int, lr, first_
     if unroll or steps == 0:
         carry, traj = carry0, []
         for i in range(steps):
-            lr_i = _index_lr(lr_xs, i) if lr_xs is not None else (
-                lr_val if optimizer is None else None)
+            lr_i = (
+                _index_lr(lr_xs, i)
+                if lr_xs is not None
+                else (lr_val if optimizer is None else None)
+            )
             carry, out = step_fn(carry, (step_ids[i], lr_i))
             traj.append(out)
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *traj) if traj else None
@@ -249,12 +286,16 @@ def adapt(loss_fn: LossFn, params: PyTree, batch: Any, *, steps: int, lr, first_
     if not return_trajectory:
         return adapted
     if steps == 0:
-        return adapted, jax.tree.map(lambda p: jnp.zeros((0,) + jnp.shape(p), jnp.result_type(p)), params)
+        return adapted, jax.tree.map(
+            lambda p: jnp.zeros((0,) + jnp.shape(p), jnp.result_type(p)), params
+        )
     _, leaf_def = jax.tree.flatten(params)
     frozen_like = jax.tree.leaves(params)
     stacked_it = iter(stacked)
-    traj_leaves = [next(stacked_it) if m else jnp.broadcast_to(p, (steps,) + jnp.shape(p))
-                   for p, m in zip(frozen_like, mask_leaves, strict=True)]
+    traj_leaves = [
+        next(stacked_it) if m else jnp.broadcast_to(p, (steps,) + jnp.shape(p))
+        for p, m in zip(frozen_like, mask_leaves, strict=True)
+    ]
     return adapted, jax.tree.unflatten(leaf_def, traj_leaves)
 
 

@@ -24,8 +24,17 @@ from metagrad.tasks.base import Task
 MetricsFn = Callable[[PyTree, Any], dict]
 
 
-def meta_loss(loss_fn: LossFn, params: PyTree, support: Any, query: Any, *, steps: int, lr,
-              first_order: bool = False, **adapt_kwargs) -> jax.Array:
+def meta_loss(
+    loss_fn: LossFn,
+    params: PyTree,
+    support: Any,
+    query: Any,
+    *,
+    steps: int,
+    lr,
+    first_order: bool = False,
+    **adapt_kwargs,
+) -> jax.Array:
     r"""MAML's meta-objective: the query loss after `adapt` on the support set.
 
     .. math:: \mathcal{L}(\theta) = L\big(\phi(\theta); Q\big), \qquad
@@ -41,12 +50,14 @@ def meta_loss(loss_fn: LossFn, params: PyTree, support: Any, query: Any, *, step
         >>> float(meta_loss(loss_fn, 2.0, batch, batch, steps=1, lr=0.1))  # already optimal
         0.0
     """
-    adapted = adapt(loss_fn, params, support, steps=steps, lr=lr, first_order=first_order,
-                    **adapt_kwargs)
+    adapted = adapt(
+        loss_fn, params, support, steps=steps, lr=lr, first_order=first_order, **adapt_kwargs
+    )
     return loss_fn(adapted, query)
 
 
 # --- estimators --------------------------------------------------------------------------------
+
 
 class MetaGradEstimator(NamedTuple):
     """A meta-gradient estimator for one task.
@@ -83,13 +94,25 @@ class InnerConfig:
     def run(self, loss_fn, meta_params, support, *, first_order, return_trajectory=False):
         lr = meta_params["lr"] if "lr" in meta_params else self.lr
         if lr is None and self.optimizer is None:
-            raise ValueError("the inner loop needs lr (SGD), meta_params['lr'] (learned rates) "
-                             "or an optax optimizer")
-        return adapt(loss_fn, meta_params["params"], support, steps=self.steps,
-                     lr=None if self.optimizer is not None else lr, first_order=first_order,
-                     per_step=self.per_step, mask=self.mask, optimizer=self.optimizer,
-                     remat=self.remat, unroll=self.unroll, step_arg=self.step_arg,
-                     return_trajectory=return_trajectory)
+            raise ValueError(
+                "the inner loop needs lr (SGD), meta_params['lr'] (learned rates) "
+                "or an optax optimizer"
+            )
+        return adapt(
+            loss_fn,
+            meta_params["params"],
+            support,
+            steps=self.steps,
+            lr=None if self.optimizer is not None else lr,
+            first_order=first_order,
+            per_step=self.per_step,
+            mask=self.mask,
+            optimizer=self.optimizer,
+            remat=self.remat,
+            unroll=self.unroll,
+            step_arg=self.step_arg,
+            return_trajectory=return_trajectory,
+        )
 
 
 def _query_loss(loss_fn, inner: InnerConfig, params, batch, step_index):
@@ -100,8 +123,10 @@ def _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn):
     """Pre- and post-adaptation query metrics, outside the gradient."""
     params = lax.stop_gradient(meta_params["params"])
     adapted = lax.stop_gradient(adapted)
-    out = {"loss_pre": _query_loss(loss_fn, inner, params, task.query, 0),
-           "loss_post": _query_loss(loss_fn, inner, adapted, task.query, max(inner.steps - 1, 0))}
+    out = {
+        "loss_pre": _query_loss(loss_fn, inner, params, task.query, 0),
+        "loss_post": _query_loss(loss_fn, inner, adapted, task.query, max(inner.steps - 1, 0)),
+    }
     if metrics_fn is not None:
         for k, v in metrics_fn(params, task.query).items():
             out[f"{k}_pre"] = v
@@ -110,8 +135,14 @@ def _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn):
     return out
 
 
-def maml(*, steps: int, lr=None, first_order: bool = False, metrics_fn: MetricsFn | None = None,
-         **inner_kwargs) -> MetaGradEstimator:
+def maml(
+    *,
+    steps: int,
+    lr=None,
+    first_order: bool = False,
+    metrics_fn: MetricsFn | None = None,
+    **inner_kwargs,
+) -> MetaGradEstimator:
     r"""MAML (second order) or, with ``first_order=True``, first-order MAML.
 
     .. math:: g = \nabla_\theta L\big(\phi(\theta); Q\big)
@@ -138,9 +169,13 @@ def maml(*, steps: int, lr=None, first_order: bool = False, metrics_fn: MetricsF
         return loss, _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn)
 
     def value_and_grad(loss_fn, meta_params, task, step):
-        return jax.value_and_grad(objective, argnums=1, has_aux=True)(loss_fn, meta_params, task, step)
+        return jax.value_and_grad(objective, argnums=1, has_aux=True)(
+            loss_fn, meta_params, task, step
+        )
 
-    exact = lambda loss_fn, meta_params, task, step: objective(loss_fn, meta_params, task, step, False)
+    exact = lambda loss_fn, meta_params, task, step: objective(
+        loss_fn, meta_params, task, step, False
+    )
     return MetaGradEstimator("fomaml" if first_order else "maml", exact, value_and_grad)
 
 
@@ -168,8 +203,15 @@ def msl_weights(step, *, steps: int, anneal_steps: int) -> jax.Array:
     return jnp.concatenate([jnp.full((n - 1,), nonfinal), final[None]])
 
 
-def mamlpp(*, steps: int, lr=None, anneal_steps: int = 10_000, first_order_until: int = 0,
-           metrics_fn: MetricsFn | None = None, **inner_kwargs) -> MetaGradEstimator:
+def mamlpp(
+    *,
+    steps: int,
+    lr=None,
+    anneal_steps: int = 10_000,
+    first_order_until: int = 0,
+    metrics_fn: MetricsFn | None = None,
+    **inner_kwargs,
+) -> MetaGradEstimator:
     r"""MAML++'s meta-gradient: the multi-step loss with annealed weights and derivative-order
     annealing (Antoniou et al. 2019).
 
@@ -185,8 +227,9 @@ def mamlpp(*, steps: int, lr=None, anneal_steps: int = 10_000, first_order_until
         raise ValueError("mamlpp needs steps >= 1")
 
     def objective(loss_fn, meta_params, task, step, fo=False):
-        adapted, traj = inner.run(loss_fn, meta_params, task.support, first_order=fo,
-                                  return_trajectory=True)
+        adapted, traj = inner.run(
+            loss_fn, meta_params, task.support, first_order=fo, return_trajectory=True
+        )
         idx = jnp.arange(steps, dtype=jnp.int32)
         if inner.step_arg:
             per_step = jax.vmap(lambda p, i: loss_fn(p, task.query, i))(traj, idx)
@@ -198,7 +241,8 @@ def mamlpp(*, steps: int, lr=None, anneal_steps: int = 10_000, first_order_until
 
     def value_and_grad(loss_fn, meta_params, task, step):
         vg = lambda fo: jax.value_and_grad(
-            lambda mp: objective(loss_fn, mp, task, step, fo), has_aux=True)(meta_params)
+            lambda mp: objective(loss_fn, mp, task, step, fo), has_aux=True
+        )(meta_params)
         if first_order_until <= 0:
             return vg(False)
         return lax.cond(step < first_order_until, lambda: vg(True), lambda: vg(False))
@@ -206,8 +250,9 @@ def mamlpp(*, steps: int, lr=None, anneal_steps: int = 10_000, first_order_until
     return MetaGradEstimator("mamlpp", objective, value_and_grad)
 
 
-def reptile(*, steps: int, lr=None, metrics_fn: MetricsFn | None = None,
-            **inner_kwargs) -> MetaGradEstimator:
+def reptile(
+    *, steps: int, lr=None, metrics_fn: MetricsFn | None = None, **inner_kwargs
+) -> MetaGradEstimator:
     r"""Reptile (Nichol et al. 2018): the direction :math:`(\theta - \phi) / (k \alpha)`.
 
     :math:`\phi` is :math:`k` first-order SGD steps from :math:`\theta` on the support set; the
@@ -239,9 +284,17 @@ def reptile(*, steps: int, lr=None, metrics_fn: MetricsFn | None = None,
     return MetaGradEstimator("reptile", objective, value_and_grad)
 
 
-def imaml(*, steps: int, lr=None, reg: float = 1.0, cg_iters: int = 10, cg_tol: float = 1e-6,
-          damping: float = 0.0, metrics_fn: MetricsFn | None = None,
-          **inner_kwargs) -> MetaGradEstimator:
+def imaml(
+    *,
+    steps: int,
+    lr=None,
+    reg: float = 1.0,
+    cg_iters: int = 10,
+    cg_tol: float = 1e-6,
+    damping: float = 0.0,
+    metrics_fn: MetricsFn | None = None,
+    **inner_kwargs,
+) -> MetaGradEstimator:
     r"""Implicit MAML (Rajeswaran et al. 2019): the implicit gradient of the proximal inner problem.
 
     .. math:: \phi^*(\theta) = \arg\min_\phi\; L(\phi; S) + \frac{\lambda}{2}\|\phi - \theta\|^2,
@@ -268,8 +321,9 @@ def imaml(*, steps: int, lr=None, reg: float = 1.0, cg_iters: int = 10, cg_tol: 
         theta = meta_params["params"]
         prox = lambda p, b: loss_fn(p, b) + 0.5 * reg * _sq_dist(p, theta)
         adapted = inner.run(prox, {"params": theta}, task.support, first_order=False)
-        return loss_fn(adapted, task.query), _metrics(loss_fn, inner, meta_params, adapted, task,
-                                                      metrics_fn)
+        return loss_fn(adapted, task.query), _metrics(
+            loss_fn, inner, meta_params, adapted, task, metrics_fn
+        )
 
     def value_and_grad(loss_fn, meta_params, task, step):
         _no_learned_lr(meta_params, "imaml")
@@ -289,8 +343,9 @@ def imaml(*, steps: int, lr=None, reg: float = 1.0, cg_iters: int = 10, cg_tol: 
 
 
 def _sq_dist(a: PyTree, b: PyTree) -> jax.Array:
-    return sum(jnp.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
-                                                      strict=True))
+    return sum(
+        jnp.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def _no_learned_lr(meta_params, name):
@@ -309,8 +364,9 @@ def make_estimator(name: str, **kwargs) -> MetaGradEstimator:
         'maml'
     """
     if name not in ESTIMATORS:
-        raise ValueError(f"unknown meta-gradient estimator {name!r}; choose one of "
-                         f"{sorted(ESTIMATORS)}")
+        raise ValueError(
+            f"unknown meta-gradient estimator {name!r}; choose one of {sorted(ESTIMATORS)}"
+        )
     return ESTIMATORS[name](**kwargs)
 
 
@@ -324,8 +380,15 @@ def default_task_batching(backend: str | None = None) -> str:
     return "vmap"
 
 
-def batch_value_and_grad(estimator: MetaGradEstimator, loss_fn: LossFn, meta_params: PyTree,
-                         tasks: Task, step, *, task_batching: str | int = "vmap"):
+def batch_value_and_grad(
+    estimator: MetaGradEstimator,
+    loss_fn: LossFn,
+    meta_params: PyTree,
+    tasks: Task,
+    step,
+    *,
+    task_batching: str | int = "vmap",
+):
     r"""Mean over a batch of tasks (a leading task axis) of one estimator's loss, metrics, grads.
 
     .. math:: g = \frac{1}{T} \sum_{t=1}^{T} g_t
@@ -341,14 +404,19 @@ def batch_value_and_grad(estimator: MetaGradEstimator, loss_fn: LossFn, meta_par
         out = jax.vmap(fn)(tasks)
     elif task_batching == "map":
         out = lax.map(fn, tasks)
-    elif isinstance(task_batching, int) and not isinstance(task_batching, bool) and task_batching > 0:
+    elif (
+        isinstance(task_batching, int) and not isinstance(task_batching, bool) and task_batching > 0
+    ):
         out = lax.map(fn, tasks, batch_size=task_batching)
     else:
-        raise ValueError(f"task_batching must be 'vmap', 'map' or a positive int, got {task_batching!r}")
+        raise ValueError(
+            f"task_batching must be 'vmap', 'map' or a positive int, got {task_batching!r}"
+        )
     return jax.tree.map(lambda x: jnp.mean(x, axis=0), out)
 
 
 # --- the meta-step -----------------------------------------------------------------------------
+
 
 class MetaState(NamedTuple):
     """The outer loop's state: meta-parameters, the outer optimizer's state, the step count."""
@@ -374,10 +442,15 @@ def task_mesh(devices: int | str = "all") -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.array(local[:n]), ("tasks",))
 
 
-def meta_learner(loss_fn: LossFn, estimator: MetaGradEstimator,
-                 optimizer: optax.GradientTransformation, *,
-                 task_batching: str | int = "vmap", jit: bool = True,
-                 devices: int | str = 1) -> MetaLearner:
+def meta_learner(
+    loss_fn: LossFn,
+    estimator: MetaGradEstimator,
+    optimizer: optax.GradientTransformation,
+    *,
+    task_batching: str | int = "vmap",
+    jit: bool = True,
+    devices: int | str = 1,
+) -> MetaLearner:
     r"""A meta-step as an ``(init, update)`` pair driven by any optax optimizer.
 
     ``update`` averages the estimator's meta-gradient over the task batch, applies the optimizer
@@ -397,22 +470,28 @@ def meta_learner(loss_fn: LossFn, estimator: MetaGradEstimator,
         >>> sorted(metrics)
         ['grad_norm', 'loss_post', 'loss_pre', 'meta_loss']
     """
-    if task_batching not in TASK_BATCHING and not (isinstance(task_batching, int)
-                                                   and task_batching > 0):
-        raise ValueError(f"task_batching must be 'vmap', 'map' or a positive int, got {task_batching!r}")
+    if task_batching not in TASK_BATCHING and not (
+        isinstance(task_batching, int) and task_batching > 0
+    ):
+        raise ValueError(
+            f"task_batching must be 'vmap', 'map' or a positive int, got {task_batching!r}"
+        )
 
     def init(meta_params):
         return MetaState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32))
 
     sharding = None
     if str(devices) != "1":
-        sharding = jax.sharding.NamedSharding(task_mesh(devices), jax.sharding.PartitionSpec("tasks"))
+        sharding = jax.sharding.NamedSharding(
+            task_mesh(devices), jax.sharding.PartitionSpec("tasks")
+        )
 
     def update(state, tasks):
         if sharding is not None:
             tasks = lax.with_sharding_constraint(tasks, sharding)
         (loss, metrics), grads = batch_value_and_grad(
-            estimator, loss_fn, state.meta_params, tasks, state.step, task_batching=task_batching)
+            estimator, loss_fn, state.meta_params, tasks, state.step, task_batching=task_batching
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
         meta_params = optax.apply_updates(state.meta_params, updates)
         metrics = dict(metrics, meta_loss=loss, grad_norm=optax.tree.norm(grads))
@@ -423,9 +502,18 @@ def meta_learner(loss_fn: LossFn, estimator: MetaGradEstimator,
 
 # --- a correctness check users can call --------------------------------------------------------
 
-def check_meta_grad(estimator: MetaGradEstimator, loss_fn: LossFn, meta_params: PyTree, task: Task,
-                    *, step: int = 0, eps: float = 1e-5, num_directions: int | None = None,
-                    key: jax.Array | None = None) -> float:
+
+def check_meta_grad(
+    estimator: MetaGradEstimator,
+    loss_fn: LossFn,
+    meta_params: PyTree,
+    task: Task,
+    *,
+    step: int = 0,
+    eps: float = 1e-5,
+    num_directions: int | None = None,
+    key: jax.Array | None = None,
+) -> float:
     r"""Relative error of an estimator's meta-gradient against float64 central finite differences.
 
     Both are computed in float64. With :math:`\mathcal{L}` the estimator's ``objective`` and
@@ -459,7 +547,9 @@ def check_meta_grad(estimator: MetaGradEstimator, loss_fn: LossFn, meta_params: 
             directions = jax.random.normal(key, (num_directions, n), jnp.float64)
             # Unit length, so eps is the step actually taken (a kink of ReLU is less likely hit).
             directions = directions / jnp.linalg.norm(directions, axis=1, keepdims=True)
-        f = jax.jit(lambda x: estimator.objective(loss_fn, unravel(x), task64, jnp.asarray(step))[0])
+        f = jax.jit(
+            lambda x: estimator.objective(loss_fn, unravel(x), task64, jnp.asarray(step))[0]
+        )
         fd = lax.map(lambda v: (f(flat + eps * v) - f(flat - eps * v)) / (2 * eps), directions)
         projected = directions @ g_flat
         err = jnp.linalg.norm(projected - fd) / jnp.maximum(jnp.linalg.norm(fd), 1e-30)
@@ -470,12 +560,27 @@ def _to_float64(tree: PyTree) -> PyTree:
     def cast(x):
         x = jnp.asarray(x)
         return x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
     return jax.tree.map(cast, tree)
 
 
 __all__ = [
-    "ESTIMATORS", "InnerConfig", "MetaGradEstimator", "MetaLearner", "MetaState",
-    "batch_value_and_grad", "check_meta_grad", "default_task_batching", "fomaml", "imaml",
-    "make_estimator", "maml", "mamlpp", "meta_learner", "meta_loss", "msl_weights", "reptile",
+    "ESTIMATORS",
+    "InnerConfig",
+    "MetaGradEstimator",
+    "MetaLearner",
+    "MetaState",
+    "batch_value_and_grad",
+    "check_meta_grad",
+    "default_task_batching",
+    "fomaml",
+    "imaml",
+    "make_estimator",
+    "maml",
+    "mamlpp",
+    "meta_learner",
+    "meta_loss",
+    "msl_weights",
+    "reptile",
     "task_mesh",
 ]

@@ -34,10 +34,21 @@ def adaptation_figure(exp, meta_params, results: dict, path: Path, num_tasks: in
         band = np.asarray(results[f"eval_{name}_curve_ci95"])
         steps = np.arange(len(curve))
         target = ax if name == "loss" else ax.twinx()
-        target.plot(steps, curve, marker="o", ms=3, color="C0" if name == "loss" else "C1",
-                    label=f"query {name}")
-        target.fill_between(steps, np.asarray(curve) - band, np.asarray(curve) + band, alpha=0.2,
-                            color="C0" if name == "loss" else "C1")
+        target.plot(
+            steps,
+            curve,
+            marker="o",
+            ms=3,
+            color="C0" if name == "loss" else "C1",
+            label=f"query {name}",
+        )
+        target.fill_between(
+            steps,
+            np.asarray(curve) - band,
+            np.asarray(curve) + band,
+            alpha=0.2,
+            color="C0" if name == "loss" else "C1",
+        )
         target.set_ylabel(f"query {name}")
     ax.set_xlabel("inner steps")
     ax.set_title(f"{exp.cfg.algo.name}: {exp.cfg.eval.tasks} test tasks (95% CI)")
@@ -48,7 +59,7 @@ def adaptation_figure(exp, meta_params, results: dict, path: Path, num_tasks: in
 
 def _sinusoid_panels(exp, meta_params, axes, post_steps: int) -> None:
     shots = exp.cfg.eval.shots or exp.cfg.task.shots
-    keys = jax.random.split(sinusoid.heldout_key("test"), exp.cfg.eval.tasks)[:len(axes)]
+    keys = jax.random.split(sinusoid.heldout_key("test"), exp.cfg.eval.tasks)[: len(axes)]
     path_fn = exp.curve_fn(steps=max(post_steps, 1)).path
     xs = jnp.linspace(*sinusoid.INPUT_RANGE, 200)[:, None]
     apply = exp.model.apply
@@ -60,6 +71,12 @@ def _sinusoid_panels(exp, meta_params, axes, post_steps: int) -> None:
         ax.plot(xs[:, 0], amp * jnp.sin(xs[:, 0] - phase), "k-", lw=1.5, label="ground truth")
         ax.plot(xs[:, 0], apply(before, xs)[:, 0], "C2--", label="before adaptation")
         ax.plot(xs[:, 0], apply(after, xs)[:, 0], "C3-", label=f"after {post_steps} step(s)")
-        ax.plot(task.support[0][:, 0], task.support[1][:, 0], "k^", ms=6, label=f"{shots} support points")
+        ax.plot(
+            task.support[0][:, 0],
+            task.support[1][:, 0],
+            "k^",
+            ms=6,
+            label=f"{shots} support points",
+        )
         ax.set_xlabel("x")
     axes[0].legend(fontsize=7, loc="lower left")

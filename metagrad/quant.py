@@ -5,24 +5,30 @@ and is built from ordinary JAX pieces around :func:`metagrad.straight_through`, 
 derivatives of every order are defined and consistent (never a ``custom_vjp``, which gives
 silently wrong second derivatives; see ``DESIGN.md``). The derivative conventions:
 
-**Given scale** (fixed or learned) :math:`s > 0`, integer range :math:`[l, h]`:
+**Given scale** (fixed or learned) :math:`s > 0`, integer range :math:`[l, h]`: the value is
 
-.. math:: v = \operatorname{clip}(x / s, l, h), \qquad
-          \hat x = s \cdot \operatorname{st}(\operatorname{round})(v)
+.. math:: \hat x = s \operatorname{round}(v), \qquad v = \operatorname{clip}(x / s, l, h),
 
-At a point :math:`(x_0, s_0)`, with :math:`c = \operatorname{round}(v_0) - v_0` held fixed,
-derivatives of every order are those of the piecewise-linear surrogate
-:math:`\tilde q(x, s) = s\,\big(\operatorname{clip}(x/s, l, h) + c\big)`:
+and the derivatives, of every order, are those of the piecewise-linear surrogate
 
-- :math:`\partial\hat x / \partial x = 1` for :math:`l \le x/s \le h` (the closed range), else 0;
+.. math:: \tilde q(x, s) = \operatorname{clip}(x, l s, h s) + s\, c, \qquad
+          c = \operatorname{sg}\big(\operatorname{round}(v) - v\big)
+
+(:math:`\operatorname{sg}` = ``stop_gradient``): :math:`\hat x` is
+``straight_through`` applied to :math:`\tilde q`, :math:`(\tilde q - \operatorname{sg}(\tilde q))
++ \operatorname{sg}(\hat x)`, exact in the forward pass. That is, exactly (also under ``jit``):
+
+- :math:`\partial\hat x / \partial x = 1` on the closed range :math:`l s \le x \le h s`, else 0;
 - :math:`\partial\hat x / \partial s = \operatorname{round}(x/s) - x/s` inside, :math:`l`
-  (:math:`= -Q_n`) or :math:`h` (:math:`= Q_p`) at the clip: the LSQ gradient (Esser et al.
-  2020), times the gradient scale :math:`g` when one is given (:func:`scale_grad`);
-- every second derivative of :math:`\hat x` is zero (up to rounding), so e.g.
-  :math:`\partial^2 \hat x^2 / \partial x^2 = 2` inside the range and 0 outside.
+  (:math:`= -Q_n`) or :math:`h` (:math:`= Q_p`) outside: the LSQ gradient (Esser et al. 2020),
+  times the gradient scale :math:`g` when one is given (:func:`scale_grad`);
+- every second derivative of :math:`\hat x` is zero, so e.g.
+  :math:`\partial^2 \hat x^2 / \partial x^2 = 2 (\partial\hat x / \partial x)^2` is 2 inside the
+  range and 0 outside, and
+  :math:`\partial^2 \hat x^2 / \partial s^2 = 2 (\partial\hat x / \partial s)^2`.
 
-At a point exactly on the range's edge (:math:`x/s = h`) the :math:`x`-derivative is 1 and the
-:math:`s`-derivative is the inside formula's 0 (the LSQ paper assigns :math:`Q_p` there).
+Exactly on the range's edge (:math:`x = h s`) the :math:`x`-derivative is 1 and the
+:math:`s`-derivative the inside formula's 0 (the LSQ paper assigns :math:`Q_p` there).
 
 **Scale computed from the data** (max-abs, min-max, mean-abs; TWN's threshold): the statistics
 are constants to derivatives (``stop_gradient``) and the whole quantizer is one straight-through
@@ -54,11 +60,13 @@ Axis = int | Sequence[int] | None
 
 # --- validation ------------------------------------------------------------------------------
 
+
 def _check_bits(bits) -> int:
     lo, hi = BITS_RANGE
     if isinstance(bits, bool) or not isinstance(bits, int | np.integer) or not lo <= bits <= hi:
-        raise ValueError(f"bits must be a Python int from {lo} to {hi} (1 means binary), "
-                         f"got {bits!r}")
+        raise ValueError(
+            f"bits must be a Python int from {lo} to {hi} (1 means binary), got {bits!r}"
+        )
     return int(bits)
 
 
@@ -84,8 +92,10 @@ def _keep_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
     out = []
     for a in axes:
         if isinstance(a, bool) or not isinstance(a, int | np.integer) or not -ndim <= a < ndim:
-            raise ValueError(f"axis must be None, an int or ints in [-{ndim}, {ndim}) for an "
-                             f"input of {ndim} dimensions, got {axis!r}")
+            raise ValueError(
+                f"axis must be None, an int or ints in [-{ndim}, {ndim}) for an "
+                f"input of {ndim} dimensions, got {axis!r}"
+            )
         out.append(int(a) % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"axis has repeated entries: {axis!r}")
@@ -105,16 +115,19 @@ def _per_channel(x, arr, keep, name: str) -> jax.Array:
     if arr.shape == kept or arr.shape == full:
         return arr.reshape(full)
     how = "per tensor (axis=None)" if not keep else f"per channel along axes {keep}"
-    raise ValueError(f"{name} of shape {arr.shape} does not fit an input of shape {x.shape} "
-                     f"quantized {how}: expected shape {kept} or {full}")
+    raise ValueError(
+        f"{name} of shape {arr.shape} does not fit an input of shape {x.shape} "
+        f"quantized {how}: expected shape {kept} or {full}"
+    )
 
 
 def _given_scale(x, scale, keep) -> jax.Array:
     s = _per_channel(x, scale, keep, "scale")
     c = _concrete(s)
     if c is not None and not np.all(c > 0):
-        raise ValueError(f"scale must be positive, got {c.ravel()[:8].tolist()}"
-                         + ("..." if c.size > 8 else ""))
+        raise ValueError(
+            f"scale must be positive, got {c.ravel()[:8].tolist()}" + ("..." if c.size > 8 else "")
+        )
     return s.astype(x.dtype)
 
 
@@ -125,6 +138,7 @@ def _check_grad_scale(g):
 
 
 # --- the grid --------------------------------------------------------------------------------
+
 
 def _clip(v, lo, hi):
     """``clip`` whose derivative is 1 on the closed range [lo, hi] and 0 outside (``jnp.clip``
@@ -144,9 +158,12 @@ def _codes(v, lo, hi, binary: bool, u):
 
 
 def _grid(x, s, lo, hi, binary: bool, u):
-    """``s * st(round)(clip(x / s, lo, hi))``: the given-scale quantizer."""
+    """The given-scale quantizer: the value ``s * code(clip(x / s, lo, hi))``, the derivatives of
+    the surrogate ``clip(x, lo s, hi s) + s * sg(code - clip(x / s, lo, hi))``."""
     v = _clip(x / s, lo, hi)
-    return s * straight_through(lambda w: _codes(w, lo, hi, binary, u))(v)
+    codes = lax.stop_gradient(_codes(v, lo, hi, binary, u))
+    surrogate = _clip(x, lo * s, hi * s) + s * lax.stop_gradient(codes - v)
+    return straight_through(lambda _: s * codes)(surrogate)
 
 
 def _int_range(bits: int, symmetric: bool):
@@ -156,7 +173,7 @@ def _int_range(bits: int, symmetric: bool):
             return -1, 1, True
         qp = 2 ** (bits - 1) - 1
         return -qp, qp, False
-    return 0, 2 ** bits - 1, False
+    return 0, 2**bits - 1, False
 
 
 def _calibrate(x, bits: int, symmetric: bool, keep):
@@ -166,9 +183,12 @@ def _calibrate(x, bits: int, symmetric: bool, keep):
     if symmetric:
         lo, hi, binary = _int_range(bits, True)
         a = jnp.abs(x)
-        s = jnp.mean(a, axis=red, keepdims=True) if binary else jnp.max(a, axis=red, keepdims=True) / hi
+        if binary:
+            s = jnp.mean(a, axis=red, keepdims=True)
+        else:
+            s = jnp.max(a, axis=red, keepdims=True) / hi
         return jnp.where(s > 0, s, jnp.ones_like(s)), lo, hi
-    n = 2 ** bits - 1
+    n = 2**bits - 1
     mn = jnp.minimum(jnp.min(x, axis=red, keepdims=True), 0)
     mx = jnp.maximum(jnp.max(x, axis=red, keepdims=True), 0)
     s = (mx - mn) / n
@@ -178,6 +198,7 @@ def _calibrate(x, bits: int, symmetric: bool, keep):
 
 
 # --- public quantizers -----------------------------------------------------------------------
+
 
 def scale_grad(x: jax.Array, g) -> jax.Array:
     r"""Gradient scaling: the value of ``x``, the gradient times ``g`` (LSQ's ``grad_scale``).
@@ -197,12 +218,22 @@ def scale_grad(x: jax.Array, g) -> jax.Array:
     return sg + jnp.asarray(g, x.dtype) * (x - sg)
 
 
-def uniform(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = None,
-            scale=None, zero_point=None, grad_scale: float | None = None,
-            key: jax.Array | None = None) -> jax.Array:
-    r"""Uniform fake quantization: :math:`\hat x = s\,\operatorname{round}(\operatorname{clip}(x/s, l, h))`.
+def uniform(
+    x: jax.Array,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    axis: Axis = None,
+    scale=None,
+    zero_point=None,
+    grad_scale: float | None = None,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    r"""Uniform fake quantization: :math:`\hat x = s \lfloor \operatorname{clip}(x/s, l, h) \rceil`.
 
-    The integer range :math:`[l, h]` has at most :math:`2^b` levels (:math:`b` = ``bits``):
+    (:math:`\lfloor\cdot\rceil` rounds to nearest, ties to even, or stochastically with a
+    ``key``.) The integer range :math:`[l, h]` has at most :math:`2^b` levels (:math:`b` =
+    ``bits``):
 
     - symmetric (zero point 0): :math:`l = -h`, :math:`h = 2^{b-1} - 1` (:math:`2^b - 1`
       levels); for :math:`b = 1` the binary grid :math:`\{-s, +s\}` (see :func:`binary`);
@@ -215,7 +246,8 @@ def uniform(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = Non
     - computed from the data when ``scale`` is ``None``: symmetric max-abs
       :math:`s = \max|x| / h` (mean-abs :math:`s = \operatorname{mean}|x|` for 1 bit, the
       L2-optimal binary scale of XNOR-Net), or asymmetric min-max
-      :math:`s = (\max(x, 0) - \min(x, 0)) / (2^b - 1)`, :math:`z = \operatorname{round}(-\min(x, 0)/s)`;
+      :math:`s = (\max(x, 0) - \min(x, 0)) / (2^b - 1)`,
+      :math:`z = \operatorname{round}(-\min(x, 0)/s)`;
       the statistics are constants to derivatives and the gradient is the identity;
     - given (``scale``, a positive array): a constant or a learned parameter; the gradient is the
       identity on the range and zero outside it, and a learned scale gets the LSQ gradient,
@@ -255,8 +287,10 @@ def uniform(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = Non
     u = None if key is None else jax.random.uniform(key, x.shape, x.dtype)
     if scale is None:
         if zero_point is not None or grad_scale is not None:
-            raise ValueError("zero_point and grad_scale go with a given scale; with scale=None "
-                             "the range is computed from the data")
+            raise ValueError(
+                "zero_point and grad_scale go with a given scale; with scale=None "
+                "the range is computed from the data"
+            )
 
         def fake_quant(y):
             s, lo, hi = _calibrate(y, bits, symmetric, keep)
@@ -269,28 +303,34 @@ def uniform(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = Non
     lo, hi, binary = _int_range(bits, symmetric)
     if zero_point is not None:
         if symmetric:
-            raise ValueError("zero_point needs symmetric=False (a symmetric grid's zero point is 0)")
+            raise ValueError(
+                "zero_point needs symmetric=False (a symmetric grid's zero point is 0)"
+            )
         z = jnp.asarray(zero_point)
         if z.ndim:
             z = _per_channel(x, z, keep, "zero_point")
         c = _concrete(z)
         if c is not None and not (np.all(c == np.round(c)) and np.all((c >= 0) & (c <= hi))):
-            raise ValueError(f"zero_point must be an integer in [0, {hi}] for {bits} bits, "
-                             f"got {c.ravel()[:8].tolist()}")
+            raise ValueError(
+                f"zero_point must be an integer in [0, {hi}] for {bits} bits, "
+                f"got {c.ravel()[:8].tolist()}"
+            )
         z = lax.stop_gradient(z).astype(x.dtype)
         lo, hi = lo - z, hi - z
     return _grid(x, s, lo, hi, binary, u)
 
 
-def binary(x: jax.Array, *, scale=1.0, axis: Axis = None, key: jax.Array | None = None) -> jax.Array:
-    r"""Binary quantization :math:`\hat x = s \operatorname{sign}(x)`, :math:`\operatorname{sign}(0) = +1`.
+def binary(
+    x: jax.Array, *, scale=1.0, axis: Axis = None, key: jax.Array | None = None
+) -> jax.Array:
+    r"""Binary quantization: :math:`\hat x = s \operatorname{sign}(x)`, and :math:`+s` at 0.
 
     With the default :math:`s = 1` this is BinaryConnect (Courbariaux et al. 2015) with the
     straight-through estimator of hard-tanh (Hubara et al. 2016):
 
     .. math:: \frac{\partial \hat x}{\partial x} = 1_{|x| \le s}, \qquad
-              \frac{\partial \hat x}{\partial s} = \operatorname{sign}(x) - \frac{x}{s}\ \text{inside},
-              \quad \operatorname{sign}(x)\ \text{outside}
+              \frac{\partial \hat x}{\partial s} = \operatorname{sign}(x) - \frac{x}{s}
+              \ \text{inside}, \quad \operatorname{sign}(x)\ \text{outside}
 
     and zero second derivatives. With a ``key`` it is BinaryConnect's stochastic binarisation,
     :math:`P(\hat x = +s) = \operatorname{clip}((x/s + 1)/2, 0, 1)` (hard sigmoid), with the same
@@ -340,7 +380,7 @@ def ternary(x: jax.Array, *, threshold: float = 0.7, axis: Axis = None) -> jax.A
 def _lsq_range(bits: int, signed: bool) -> tuple[int, int]:
     """LSQ's :math:`(Q_n, Q_p)`."""
     if not signed:
-        return 0, 2 ** bits - 1
+        return 0, 2**bits - 1
     if bits == 1:
         return 1, 1  # the binary grid {-s, +s}
     return 2 ** (bits - 1), 2 ** (bits - 1) - 1
@@ -363,8 +403,16 @@ def lsq_init(x: jax.Array, bits: int, *, signed: bool = True, axis: Axis = None)
     return 2 * m / math.sqrt(qp)
 
 
-def lsq(x: jax.Array, scale, bits: int, *, signed: bool = True, axis: Axis = None,
-        grad_scale: float | None = None, key: jax.Array | None = None) -> jax.Array:
+def lsq(
+    x: jax.Array,
+    scale,
+    bits: int,
+    *,
+    signed: bool = True,
+    axis: Axis = None,
+    grad_scale: float | None = None,
+    key: jax.Array | None = None,
+) -> jax.Array:
     r"""Learned step size quantization (LSQ, Esser et al. 2020) with a learned ``scale``.
 
     .. math:: \hat x = s\,\operatorname{round}\big(\operatorname{clip}(x/s, -Q_n, Q_p)\big), \qquad
@@ -396,8 +444,16 @@ def lsq(x: jax.Array, scale, bits: int, *, signed: bool = True, axis: Axis = Non
         grad_scale = 1.0 / math.sqrt(per_scale * qp)
     if signed and bits == 1:
         return uniform(x, 1, axis=axis, scale=scale, grad_scale=grad_scale, key=key)
-    return uniform(x, bits, symmetric=False, axis=axis, scale=scale, zero_point=qn,
-                   grad_scale=grad_scale, key=key)
+    return uniform(
+        x,
+        bits,
+        symmetric=False,
+        axis=axis,
+        scale=scale,
+        zero_point=qn,
+        grad_scale=grad_scale,
+        key=key,
+    )
 
 
 __all__ = ["BITS_RANGE", "binary", "lsq", "lsq_init", "scale_grad", "ternary", "uniform"]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from metagrad import build
 from metagrad.checkpoint import Checkpoints
-from metagrad.config import validate
+from metagrad.config import ConfigError, validate
 from metagrad.evaluation import make_curve_fn, summarize
 from metagrad.outer import MetaState, meta_learner
 from metagrad.runinfo import run_metadata
@@ -48,30 +48,53 @@ class Experiment:
     @classmethod
     def from_config(cls, cfg) -> Experiment:
         validate(cfg)
+        devices = str(cfg.train.devices)
+        n = len(jax.local_devices()) if devices == "all" else int(devices)
+        if n > len(jax.local_devices()) or cfg.train.meta_batch_size % n:
+            raise ConfigError(
+                f"train.devices={devices}: {n} device(s) of {len(jax.local_devices())} "
+                f"local; train.meta_batch_size={cfg.train.meta_batch_size} must "
+                "divide evenly across them"
+            )
         source = build.build_task_source(cfg)  # checks data paths and task sizes before compiling
         model = build.build_model(cfg, jax.random.key(cfg.seed))
-        return cls(cfg, model, source, build.build_estimator(cfg, model), build.build_optimizer(cfg),
-                   build.initial_meta_params(cfg, model))
+        return cls(
+            cfg,
+            model,
+            source,
+            build.build_estimator(cfg, model),
+            build.build_optimizer(cfg),
+            build.initial_meta_params(cfg, model),
+        )
 
     def curve_fn(self, *, steps: int):
         a = self.cfg.algo
         mask = None
         if a.head_only or not a.adapt_batchnorm:
             from metagrad.nn import adapt_mask
-            mask = adapt_mask(self.model.params, head_only=a.head_only,
-                              adapt_batchnorm=a.adapt_batchnorm)
-        return make_curve_fn(self.model.loss_fn, self.model.metrics_fn, steps=steps,
-                             lr=None if a.learn_lr else self.cfg.inner.lr, per_step=a.per_step_lr,
-                             mask=mask, step_arg=self.model.step_arg,
-                             prox_reg=a.reg if a.name == "imaml" else None,
-                             batch_size=self.cfg.eval.batch_size)
+
+            mask = adapt_mask(
+                self.model.params, head_only=a.head_only, adapt_batchnorm=a.adapt_batchnorm
+            )
+        return make_curve_fn(
+            self.model.loss_fn,
+            self.model.metrics_fn,
+            steps=steps,
+            lr=None if a.learn_lr else self.cfg.inner.lr,
+            per_step=a.per_step_lr,
+            mask=mask,
+            step_arg=self.model.step_arg,
+            prox_reg=a.reg if a.name == "imaml" else None,
+            batch_size=self.cfg.eval.batch_size,
+        )
 
     def evaluate(self, meta_params, split: str, num_tasks: int, prefix: str) -> dict:
         e = self.cfg.eval
         post = self.cfg.inner.steps if e.inner_steps is None else e.inner_steps
         steps = max(post, e.curve_steps)
-        tasks = self.source.heldout(split, num_tasks, e.shots or self.cfg.task.shots,
-                                    e.query or self.cfg.task.query)
+        tasks = self.source.heldout(
+            split, num_tasks, e.shots or self.cfg.task.shots, e.query or self.cfg.task.query
+        )
         curves = jax.device_get(self.curve_fn(steps=steps)(meta_params, tasks))
         out = summarize(curves, post, prefix)
         out[f"{prefix}_inner_steps"] = post
@@ -114,16 +137,23 @@ def train(cfg, run_dir: str | Path) -> dict:
     t = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoints(run_dir)
-    learner = meta_learner(exp.model.loss_fn, exp.estimator, exp.optimizer,
-                           task_batching=build.resolve_task_batching(cfg), jit=False,
-                           devices=t.devices)
+    learner = meta_learner(
+        exp.model.loss_fn,
+        exp.estimator,
+        exp.optimizer,
+        task_batching=build.resolve_task_batching(cfg),
+        jit=False,
+        devices=t.devices,
+    )
     state = learner.init(exp.meta_params)
     best_val = np.array(np.inf)
     log_path = run_dir / "metrics.jsonl"
     if ckpt.latest_step() is not None:
         if not t.resume:
-            raise FileExistsError(f"{run_dir} already holds checkpoints; pass train.resume=true to "
-                                  "continue that run, or choose a new run directory")
+            raise FileExistsError(
+                f"{run_dir} already holds checkpoints; pass train.resume=true to "
+                "continue that run, or choose a new run directory"
+            )
         _, state, extra = ckpt.restore(state, extra={"best_val": best_val})
         best_val = extra["best_val"]
     (run_dir / "run_info.json").write_text(json.dumps(run_metadata(), indent=2))
@@ -143,8 +173,14 @@ def train(cfg, run_dir: str | Path) -> dict:
         return compiled[n](state, data, marker)
 
     start = int(state.step)
-    bar = tqdm(total=t.steps, initial=start, disable=not t.progress, desc="meta-train",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=t.steps,
+        initial=start,
+        disable=not t.progress,
+        desc="meta-train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     timed_steps, timed_seconds = 0, 0.0
     step = start
     while step < t.steps:
@@ -156,9 +192,11 @@ def train(cfg, run_dir: str | Path) -> dict:
         seconds = time.perf_counter() - tic - (compile_seconds - before)
         if not math.isfinite(metrics["meta_loss"]):
             bar.close()
-            raise NonFiniteLoss(f"meta-loss became {metrics['meta_loss']} in meta-steps "
-                                f"{step}..{step + n}; the last good checkpoint (step "
-                                f"{ckpt.latest_step()}) is kept in {run_dir / 'checkpoints'}")
+            raise NonFiniteLoss(
+                f"meta-loss became {metrics['meta_loss']} in meta-steps "
+                f"{step}..{step + n}; the last good checkpoint (step "
+                f"{ckpt.latest_step()}) is kept in {run_dir / 'checkpoints'}"
+            )
         timed_steps, timed_seconds = timed_steps + n, timed_seconds + seconds
         state, step = new_state, step + n
         bar.update(n)
@@ -182,8 +220,12 @@ def train(cfg, run_dir: str | Path) -> dict:
 
     results = evaluate_checkpoint(exp, ckpt, state, which=cfg.eval.checkpoint)
     speed = timed_steps / timed_seconds if timed_seconds > 0 else None
-    results.update(steps_per_sec=speed, compile_seconds=compile_seconds,
-                   train_steps=int(state.step), val_objective=float(best_val))
+    results.update(
+        steps_per_sec=speed,
+        compile_seconds=compile_seconds,
+        train_steps=int(state.step),
+        val_objective=float(best_val),
+    )
     ckpt.close()
     write_results(exp, run_dir, results, "metrics.json")
     return results
@@ -202,4 +244,5 @@ def write_results(exp: Experiment, run_dir: Path, results: dict, name: str) -> N
     (run_dir / name).write_text(json.dumps(results, indent=2))
     if exp.cfg.eval.figure:
         from metagrad.plots import adaptation_figure
+
         adaptation_figure(exp, meta_params, results, run_dir / name.replace(".json", ".png"))

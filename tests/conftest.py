@@ -10,7 +10,9 @@ import pytest
 # Oracles (central finite differences) need float64; library code must be dtype-agnostic.
 jax.config.update("jax_enable_x64", True)
 # Compiled programs are reused across test runs and by the CLI subprocesses the tests start.
-CACHE_DIR = Path(os.environ.get("METAGRAD_TEST_JAX_CACHE", Path.home() / ".cache" / "metagrad-jax-tests"))
+CACHE_DIR = Path(
+    os.environ.get("METAGRAD_TEST_JAX_CACHE", Path.home() / ".cache" / "metagrad-jax-tests")
+)
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

@@ -45,7 +45,10 @@ def _pytree_fn(p):
 
 def _random_tree(key):
     k1, k2 = jax.random.split(key)
-    return {"w": jax.random.normal(k1, (3, 2), jnp.float64), "b": jax.random.normal(k2, (2,), jnp.float64)}
+    return {
+        "w": jax.random.normal(k1, (3, 2), jnp.float64),
+        "b": jax.random.normal(k2, (2,), jnp.float64),
+    }
 
 
 def test_hessian_pytree_blocks_match_flat_hessian(key):
@@ -119,7 +122,9 @@ value_fn = lambda theta, s: jnp.dot(theta, s)
 
 def test_td0_semi_gradient_and_naive_gradient_tutorial_numbers():
     semi = jax.grad(lambda th: mg.td_loss(value_fn, th, S_TM1, 1.0, S_T))(THETA)
-    naive = jax.grad(lambda th: mg.td_loss(value_fn, th, S_TM1, 1.0, S_T, semi_gradient=False))(THETA)
+    naive = jax.grad(lambda th: mg.td_loss(value_fn, th, S_TM1, 1.0, S_T, semi_gradient=False))(
+        THETA
+    )
     np.testing.assert_allclose(semi, [-2.4, -4.8, 2.4], rtol=1e-12)
     np.testing.assert_allclose(naive, [2.4, -2.4, 2.4], rtol=1e-12)
 
@@ -128,7 +133,8 @@ def test_td0_per_example_gradients_tutorial_batch():
     loss = lambda th, s_tm1, r_t, s_t: mg.td_loss(value_fn, th, s_tm1, r_t, s_t)
     batched = lambda x: jnp.stack([x, x])
     grads = mg.per_example_grads(loss, in_axes=(None, 0, 0, 0))(
-        THETA, batched(S_TM1), jnp.array([1.0, 1.0]), batched(S_T))
+        THETA, batched(S_TM1), jnp.array([1.0, 1.0]), batched(S_T)
+    )
     np.testing.assert_allclose(grads, [[-2.4, -4.8, 2.4]] * 2, rtol=1e-12)
 
 
@@ -143,7 +149,9 @@ def test_per_example_grads_equal_python_loop(key):
     params = {"w1": jax.random.normal(k1, (3, 4)), "w2": jax.random.normal(k2, (4,))}
     xs = jax.random.normal(k3, (6, 3))
     ys = jax.random.normal(k4, (6,))
-    grads, preds = mg.per_example_grads(_mlp_loss, in_axes=(None, 0, 0), has_aux=True)(params, xs, ys)
+    grads, preds = mg.per_example_grads(_mlp_loss, in_axes=(None, 0, 0), has_aux=True)(
+        params, xs, ys
+    )
     for b in range(xs.shape[0]):
         g_b, pred_b = jax.grad(_mlp_loss, has_aux=True)(params, xs[b], ys[b])
         np.testing.assert_allclose(preds[b], pred_b, rtol=1e-12)
@@ -152,11 +160,16 @@ def test_per_example_grads_equal_python_loop(key):
 
 
 def test_per_example_norms_and_clipping(key):
-    grads = {"a": jax.random.normal(key, (4, 3)) * jnp.array([[0.01], [1.0], [10.0], [3.0]]),
-             "b": jnp.arange(8.0).reshape(4, 2)}
+    grads = {
+        "a": jax.random.normal(key, (4, 3)) * jnp.array([[0.01], [1.0], [10.0], [3.0]]),
+        "b": jnp.arange(8.0).reshape(4, 2),
+    }
     norms = mg.per_example_grad_norms(grads)
-    np.testing.assert_allclose(norms, [np.sqrt(np.sum(grads["a"][i] ** 2) + np.sum(grads["b"][i] ** 2))
-                                       for i in range(4)], rtol=1e-12)
+    np.testing.assert_allclose(
+        norms,
+        [np.sqrt(np.sum(grads["a"][i] ** 2) + np.sum(grads["b"][i] ** 2)) for i in range(4)],
+        rtol=1e-12,
+    )
     clipped = mg.clip_per_example(grads, 2.0)
     clipped_norms = mg.per_example_grad_norms(clipped)
     np.testing.assert_allclose(clipped_norms, np.minimum(norms, 2.0), rtol=1e-12)

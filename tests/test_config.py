@@ -47,8 +47,11 @@ def test_every_experiment_preset_composes(experiment):
 
 def test_hparams_search_preset_composes():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hparams_search=sinusoid_optuna"],
-                      return_hydra_config=True)
+        cfg = compose(
+            config_name="config",
+            overrides=["hparams_search=sinusoid_optuna"],
+            return_hydra_config=True,
+        )
     assert cfg.hydra.sweeper.direction == "minimize"
     assert set(cfg.hydra.sweeper.params) == {"inner.lr", "outer.lr"}
 
@@ -67,7 +70,12 @@ def test_precedence_task_brings_its_model_and_command_line_wins():
 def test_paper_settings_of_the_sinusoid_preset():
     cfg = _compose(["+experiment=maml_sinusoid"])
     assert (cfg.train.steps, cfg.train.meta_batch_size, cfg.task.shots) == (70_000, 25, 10)
-    assert (cfg.inner.steps, cfg.inner.lr, cfg.outer.lr, cfg.outer.optimizer) == (1, 0.01, 0.001, "adam")
+    assert (cfg.inner.steps, cfg.inner.lr, cfg.outer.lr, cfg.outer.optimizer) == (
+        1,
+        0.01,
+        0.001,
+        "adam",
+    )
 
 
 def test_wrong_type_is_rejected_by_the_schema_naming_the_key():
@@ -76,9 +84,16 @@ def test_wrong_type_is_rejected_by_the_schema_naming_the_key():
     assert "inner.lr" in str(info.value) + str(info.value.__cause__)
 
 
-@pytest.mark.parametrize("override,key", [("inner.steps=-1", "inner.steps"), ("task.shots=0", "task.shots"),
-                                          ("train.eval_every=123", "train.eval_every"),
-                                          ("algo.reg=0", "algo.reg"), ("eval.checkpoint=worst", "eval.checkpoint")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("inner.steps=-1", "inner.steps"),
+        ("task.shots=0", "task.shots"),
+        ("train.eval_every=123", "train.eval_every"),
+        ("algo.reg=0", "algo.reg"),
+        ("eval.checkpoint=worst", "eval.checkpoint"),
+    ],
+)
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{key}="):
         validate(_compose([override]))

@@ -8,10 +8,10 @@ import pytest
 
 import metagrad as mg
 import metagrad.nn
-from metagrad.outer import batch_value_and_grad, maml, make_estimator, mamlpp
+from metagrad.outer import batch_value_and_grad, make_estimator, maml, mamlpp
 from metagrad.tasks import Task
 
-# --- linear regression: every MAML variant has a closed form -----------------------------------
+# --- linear regression: every MAML variant has a closed form -------------------------------------
 
 
 def lstsq(w, batch):
@@ -46,8 +46,11 @@ def test_maml_closed_form_on_linear_regression(key, steps):
     expected_fomaml = A_q @ w - b_q
     g = jax.grad(lambda p: mg.meta_loss(lstsq, p, task.support, task.query, steps=steps, lr=lr))(w0)
     np.testing.assert_allclose(g, expected_maml, rtol=1e-10)
-    g_fo = jax.grad(lambda p: mg.meta_loss(lstsq, p, task.support, task.query, steps=steps, lr=lr,
-                                           first_order=True))(w0)
+    g_fo = jax.grad(
+        lambda p: mg.meta_loss(
+            lstsq, p, task.support, task.query, steps=steps, lr=lr, first_order=True
+        )
+    )(w0)
     np.testing.assert_allclose(g_fo, expected_fomaml, rtol=1e-10)
     assert np.linalg.norm(g - g_fo) > 1e-3 * np.linalg.norm(g)  # the Hessian term matters here
 
@@ -63,10 +66,12 @@ def test_meta_loss_equals_tutorial_meta_loss_fn(key):
     w = jnp.array([0.1, 0.2, -0.3])
     ours = lambda p: mg.meta_loss(lstsq, p, task.support, task.support, steps=1, lr=lr)
     np.testing.assert_allclose(ours(w), meta_loss_fn(w, task.support), rtol=1e-14)
-    np.testing.assert_allclose(jax.grad(ours)(w), jax.grad(meta_loss_fn)(w, task.support), rtol=1e-12)
+    np.testing.assert_allclose(
+        jax.grad(ours)(w), jax.grad(meta_loss_fn)(w, task.support), rtol=1e-12
+    )
 
 
-# --- a small MLP: finite differences ------------------------------------------------------------
+# --- a small MLP: finite differences -------------------------------------------------------------
 
 
 def mlp_apply(p, x, step=None):
@@ -79,14 +84,20 @@ mlp_loss = mg.nn.mse_loss(mlp_apply)
 
 def mlp_params(key, d=2, h=5):
     k1, k2 = jax.random.split(key)
-    return {"w1": jax.random.normal(k1, (d, h)), "b1": jnp.zeros(h),
-            "w2": jax.random.normal(k2, (h, 1)) / 2, "b2": jnp.zeros(1)}
+    return {
+        "w1": jax.random.normal(k1, (d, h)),
+        "b1": jnp.zeros(h),
+        "w2": jax.random.normal(k2, (h, 1)) / 2,
+        "b2": jnp.zeros(1),
+    }
 
 
 def mlp_task(key, n=5, d=2):
     ks = jax.random.split(key, 4)
-    return Task((jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (n, 1))),
-                (jax.random.normal(ks[2], (n, d)), jax.random.normal(ks[3], (n, 1))))
+    return Task(
+        (jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (n, 1))),
+        (jax.random.normal(ks[2], (n, d)), jax.random.normal(ks[3], (n, 1))),
+    )
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
@@ -95,15 +106,23 @@ def test_maml_matches_finite_differences_on_mlp(key, steps):
     meta_params, task = {"params": mlp_params(k1)}, mlp_task(k2)
     err = mg.check_meta_grad(maml(steps=steps, lr=0.3), mlp_loss, meta_params, task)
     assert err < 1e-6
-    err_fo = mg.check_meta_grad(maml(steps=steps, lr=0.3, first_order=True), mlp_loss, meta_params, task)
+    err_fo = mg.check_meta_grad(
+        maml(steps=steps, lr=0.3, first_order=True), mlp_loss, meta_params, task
+    )
     assert err_fo > 1e-3  # check_meta_grad exposes a first-order meta-gradient
 
 
 def test_learned_rates_metasgd_and_per_step_match_finite_differences(key):
     k1, k2 = jax.random.split(key)
     params, task = mlp_params(k1), mlp_task(k2)
-    elementwise = jax.tree.map(lambda p: jnp.full(p.shape, 0.2) + 0.05 * jnp.arange(p.size).reshape(p.shape) / p.size, params)
-    assert mg.check_meta_grad(maml(steps=2), mlp_loss, {"params": params, "lr": elementwise}, task) < 1e-6
+    elementwise = jax.tree.map(
+        lambda p: jnp.full(p.shape, 0.2) + 0.05 * jnp.arange(p.size).reshape(p.shape) / p.size,
+        params,
+    )
+    assert (
+        mg.check_meta_grad(maml(steps=2), mlp_loss, {"params": params, "lr": elementwise}, task)
+        < 1e-6
+    )
     per_step = jax.tree.map(lambda p: jnp.array([0.3, 0.1]).reshape((2,) + (1,) * p.ndim), params)
     est = maml(steps=2, per_step=True)
     assert mg.check_meta_grad(est, mlp_loss, {"params": params, "lr": per_step}, task) < 1e-6
@@ -113,7 +132,9 @@ def test_per_step_lr_vector_equals_unrolled_sgd_steps(key):
     k1, k2 = jax.random.split(key)
     params, task = mlp_params(k1), mlp_task(k2)
     got = mg.adapt(mlp_loss, params, task.support, steps=2, lr=jnp.array([0.3, 0.1]), per_step=True)
-    want = mg.sgd_step(mlp_loss, mg.sgd_step(mlp_loss, params, task.support, 0.3), task.support, 0.1)
+    want = mg.sgd_step(
+        mlp_loss, mg.sgd_step(mlp_loss, params, task.support, 0.3), task.support, 0.1
+    )
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
 
@@ -125,7 +146,10 @@ def test_anil_mask_adapts_head_only_and_matches_finite_differences(key):
     adapted = mg.adapt(mlp_loss, params, task.support, steps=2, lr=0.3, mask=mask)
     np.testing.assert_array_equal(adapted["w1"], params["w1"])
     assert not np.allclose(adapted["w2"], params["w2"])
-    assert mg.check_meta_grad(maml(steps=2, lr=0.3, mask=mask), mlp_loss, {"params": params}, task) < 1e-6
+    assert (
+        mg.check_meta_grad(maml(steps=2, lr=0.3, mask=mask), mlp_loss, {"params": params}, task)
+        < 1e-6
+    )
 
 
 def test_optax_inner_optimizer_is_differentiable(key):
@@ -141,7 +165,9 @@ def test_mamlpp_multi_step_loss_matches_finite_differences_and_weights(key):
     lr = jax.tree.map(lambda p: jnp.full((3,) + (1,) * p.ndim, 0.2), params)
     est = mamlpp(steps=3, per_step=True, anneal_steps=100)
     for step in (0, 50, 200):
-        assert mg.check_meta_grad(est, mlp_loss, {"params": params, "lr": lr}, task, step=step) < 1e-6
+        assert (
+            mg.check_meta_grad(est, mlp_loss, {"params": params, "lr": lr}, task, step=step) < 1e-6
+        )
     w = np.stack([mg.outer.msl_weights(t, steps=3, anneal_steps=100) for t in range(0, 300, 50)])
     np.testing.assert_allclose(w.sum(axis=-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(w[0], [1 / 3] * 3, rtol=1e-6)
@@ -164,8 +190,8 @@ def test_reptile_direction_is_mean_parameter_difference(key):
     steps, lr = 4, 0.1
     est = make_estimator("reptile", steps=steps, lr=lr)
     _, g = batch_value_and_grad(est, mlp_loss, {"params": params}, tasks, 0)
-    adapted = [mg.adapt(mlp_loss, params, jax.tree.map(lambda x: x[t], tasks.support), steps=steps, lr=lr)
-               for t in range(3)]
+    supports = [jax.tree.map(lambda x, t=t: x[t], tasks.support) for t in range(3)]
+    adapted = [mg.adapt(mlp_loss, params, s, steps=steps, lr=lr) for s in supports]
     for name in params:
         want = np.mean([(params[name] - a[name]) / (steps * lr) for a in adapted], axis=0)
         np.testing.assert_allclose(g["params"][name], want, rtol=1e-10)
@@ -194,11 +220,13 @@ def test_imaml_matches_finite_differences_when_converged(key):
     assert err < 1e-5
 
 
-# --- equivalent compositions -----------------------------------------------------------------------
+# --- equivalent compositions ---------------------------------------------------------------------
 
 
 def _grads(est, meta_params, tasks, task_batching="vmap"):
-    return batch_value_and_grad(est, mlp_loss, meta_params, tasks, 0, task_batching=task_batching)[1]
+    return batch_value_and_grad(est, mlp_loss, meta_params, tasks, 0, task_batching=task_batching)[
+        1
+    ]
 
 
 def test_remat_unroll_and_task_batching_give_the_same_meta_gradients(key):
@@ -206,10 +234,12 @@ def test_remat_unroll_and_task_batching_give_the_same_meta_gradients(key):
     mp = {"params": mlp_params(k1)}
     tasks = jax.vmap(mlp_task)(jax.random.split(k2, 4))
     ref = _grads(maml(steps=3, lr=0.2), mp, tasks)
-    variants = [_grads(maml(steps=3, lr=0.2, remat=True), mp, tasks),
-                _grads(maml(steps=3, lr=0.2, unroll=True), mp, tasks),
-                _grads(maml(steps=3, lr=0.2), mp, tasks, "map"),
-                _grads(maml(steps=3, lr=0.2), mp, tasks, 2)]
+    variants = [
+        _grads(maml(steps=3, lr=0.2, remat=True), mp, tasks),
+        _grads(maml(steps=3, lr=0.2, unroll=True), mp, tasks),
+        _grads(maml(steps=3, lr=0.2), mp, tasks, "map"),
+        _grads(maml(steps=3, lr=0.2), mp, tasks, 2),
+    ]
     for v in variants:
         for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(v), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
@@ -218,7 +248,9 @@ def test_remat_unroll_and_task_batching_give_the_same_meta_gradients(key):
 def test_trajectory_ends_at_adapted_params(key):
     k1, k2 = jax.random.split(key)
     params, task = mlp_params(k1), mlp_task(k2)
-    adapted, traj = mg.adapt(mlp_loss, params, task.support, steps=3, lr=0.2, return_trajectory=True)
+    adapted, traj = mg.adapt(
+        mlp_loss, params, task.support, steps=3, lr=0.2, return_trajectory=True
+    )
     assert traj["w1"].shape == (3,) + params["w1"].shape
     np.testing.assert_array_equal(traj["w1"][-1], adapted["w1"])
     one = mg.adapt(mlp_loss, params, task.support, steps=1, lr=0.2)
@@ -233,14 +265,16 @@ def test_meta_learner_step_applies_optimizer_to_mean_meta_gradient(key):
     learner = mg.meta_learner(mlp_loss, est, optax.sgd(0.5))
     state, metrics = learner.update(learner.init(mp), tasks)
     g = _grads(est, mp, tasks)
-    for a, b, c in zip(jax.tree.leaves(state.meta_params), jax.tree.leaves(mp), jax.tree.leaves(g), strict=True):
+    for a, b, c in zip(
+        jax.tree.leaves(state.meta_params), jax.tree.leaves(mp), jax.tree.leaves(g), strict=True
+    ):
         np.testing.assert_allclose(a, b - 0.5 * c, rtol=1e-10)
     assert int(state.step) == 1
     np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(g), rtol=1e-10)
     np.testing.assert_allclose(metrics["loss_post"], metrics["meta_loss"], rtol=1e-10)
 
 
-# --- bad input: clear errors before tracing -----------------------------------------------------
+# --- bad input: clear errors before tracing ------------------------------------------------------
 
 
 def test_invalid_arguments_raise_clear_errors():
@@ -266,7 +300,7 @@ def test_invalid_arguments_raise_clear_errors():
         mg.adapt(loss, p, None, steps=1, lr=0.1, mask={"a": False, "b": False})
 
 
-# --- memory: XLA's compiled memory analysis --------------------------------------------------------
+# --- memory: XLA's compiled memory analysis ------------------------------------------------------
 
 
 def _temp_bytes(est, steps):

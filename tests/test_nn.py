@@ -73,8 +73,10 @@ def test_per_step_batchnorm_uses_its_steps_affine_weights(key):
 def _conv_task(key, ways=2, shots=2, size=8):
     k1, k2 = jax.random.split(key)
     labels = jnp.repeat(jnp.arange(ways), shots)
-    return mg.Task((jax.random.normal(k1, (ways * shots, size, size, 1)), labels),
-                   (jax.random.normal(k2, (ways * shots, size, size, 1)), labels))
+    return mg.Task(
+        (jax.random.normal(k1, (ways * shots, size, size, 1)), labels),
+        (jax.random.normal(k2, (ways * shots, size, size, 1)), labels),
+    )
 
 
 @pytest.mark.parametrize("policy", ["transductive", "per_step"])

@@ -330,9 +330,10 @@ def test_alphabet_split_holds_out_whole_alphabets():
     assert index["test"].tolist() == [11, 12, 13]
     val, train = set(alphabet[index["val"]]), set(alphabet[index["train"]])
     assert len(val) == 2 and not val & train and val | train == set("abcde")
-    assert split_characters(alphabet, background, split="alphabet", num_val_alphabets=0)[
-        "val"
-    ].size == 0
+    assert (
+        split_characters(alphabet, background, split="alphabet", num_val_alphabets=0)["val"].size
+        == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -546,7 +547,11 @@ def test_real_splits(real):
     by_alphabet = split_characters(data.alphabet, data.background, split="alphabet")
     assert [len(by_alphabet[s]) for s in ("train", "val", "test")] == [817, 147, 659]
     assert sorted(set(data.alphabet[by_alphabet["val"]].tolist())) == [
-        "Anglo-Saxon_Futhorc", "Futurama", "Grantha", "Latin", "Syriac_(Estrangelo)"
+        "Anglo-Saxon_Futhorc",
+        "Futurama",
+        "Grantha",
+        "Latin",
+        "Syriac_(Estrangelo)",
     ]
     assert not data.background[by_alphabet["test"]].any()
     assert not set(data.alphabet[by_alphabet["train"]]) & set(data.alphabet[by_alphabet["val"]])
@@ -571,10 +576,12 @@ def test_real_sampler_matches_its_indices(real, key, split, ways, shots, query):
         assert len(set(zip(character, rotation, strict=True))) == ways  # distinct classes
         assert all(len(set(row)) == shots + query for row in drawing)  # distinct drawings
         # The oracle: np.rot90 of the split's own images, scaled to [0, 1].
-        want = np.stack([
-            np.stack([np.rot90(images[c, d], k) for d in row])
-            for c, k, row in zip(character, rotation, drawing, strict=True)
-        ]).astype(np.float32) * np.float32(1 / 255)
+        want = np.stack(
+            [
+                np.stack([np.rot90(images[c, d], k) for d in row])
+                for c, k, row in zip(character, rotation, drawing, strict=True)
+            ]
+        ).astype(np.float32) * np.float32(1 / 255)
         got_s = np.asarray(batch.support[0][t]).reshape(ways, shots, 28, 28)
         got_q = np.asarray(batch.query[0][t]).reshape(ways, query, 28, 28)
         np.testing.assert_array_equal(got_s, want[:, :shots])

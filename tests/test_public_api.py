@@ -30,6 +30,7 @@ EXPECTED = {
     "hvp",
     "per_example_grad_norms",
     "per_example_grads",
+    "quant",
     "straight_through",
     "td_loss",
 }

@@ -11,19 +11,37 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import CACHE_DIR, REPO_ROOT
 
-TINY = ["model.hidden=[16]", "train.steps=300", "train.chunk_steps=100", "train.eval_every=100",
-        "train.checkpoint_every=100", "eval.tasks=20", "eval.val_tasks=10", "eval.curve_steps=3",
-        "eval.query=20", "train.progress=false"]
-ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", JAX_PLATFORMS="cpu")
+TINY = [
+    "model.hidden=[16]",
+    "train.steps=300",
+    "train.chunk_steps=100",
+    "train.eval_every=100",
+    "train.checkpoint_every=100",
+    "eval.tasks=20",
+    "eval.val_tasks=10",
+    "eval.curve_steps=3",
+    "eval.query=20",
+    "train.progress=false",
+]
+ENV = dict(
+    os.environ,
+    JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+    JAX_PLATFORMS="cpu",
+)
 
 
 def cli(script, *args, check=True, timeout=240):
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / script), *args],
-                          capture_output=True, text=True, cwd=REPO_ROOT, env=ENV, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "experiments" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=ENV,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -31,6 +49,7 @@ def cli(script, *args, check=True, timeout=240):
 
 def final_params(run_dir):
     from metagrad.checkpoint import Checkpoints
+
     ckpt = Checkpoints(run_dir)
     step = ckpt.latest_step()
     item = ckpt.last.restore(step)
@@ -46,14 +65,29 @@ def tiny_run(tmp_path_factory):
 
 
 def test_cli_writes_the_run_directory(tiny_run):
-    for name in (".hydra/config.yaml", "metrics.jsonl", "metrics.json", "metrics.png", "run_info.json"):
+    for name in (
+        ".hydra/config.yaml",
+        "metrics.jsonl",
+        "metrics.json",
+        "metrics.png",
+        "run_info.json",
+    ):
         assert (tiny_run / name).is_file(), name
     assert (tiny_run / "checkpoints" / "last" / "300").is_dir()
     assert list((tiny_run / "checkpoints" / "best").iterdir())
     metrics = json.loads((tiny_run / "metrics.json").read_text())
-    for key in ("eval_loss_pre", "eval_loss_post", "eval_loss_post_ci95", "eval_loss_curve", "steps_per_sec"):
+    for key in (
+        "eval_loss_pre",
+        "eval_loss_post",
+        "eval_loss_post_ci95",
+        "eval_loss_curve",
+        "steps_per_sec",
+    ):
         assert key in metrics
-    assert len(metrics["eval_loss_curve"]) == 4 and metrics["eval_loss_curve"][0] == metrics["eval_loss_pre"]
+    assert (
+        len(metrics["eval_loss_curve"]) == 4
+        and metrics["eval_loss_curve"][0] == metrics["eval_loss_pre"]
+    )
     assert metrics["eval_loss_post"] == metrics["eval_loss_curve"][1]  # post = inner.steps = 1
     records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [100, 200, 300]
@@ -64,9 +98,21 @@ def test_cli_writes_the_run_directory(tiny_run):
 
 def test_eval_script_reevaluates_without_retraining(tiny_run):
     before = (tiny_run / "metrics.json").read_text()
-    proc = cli("eval.py", f"run_dir={tiny_run}", "eval.shots=5", "eval.inner_steps=3", "eval.checkpoint=last")
-    out = json.loads((tiny_run / "eval_eval.shots=5_eval.inner_steps=3_eval.checkpoint=last.json").read_text())
-    assert out["eval_inner_steps"] == 3 and out["checkpoint"] == "last" and out["checkpoint_step"] == 300
+    proc = cli(
+        "eval.py",
+        f"run_dir={tiny_run}",
+        "eval.shots=5",
+        "eval.inner_steps=3",
+        "eval.checkpoint=last",
+    )
+    out = json.loads(
+        (tiny_run / "eval_eval.shots=5_eval.inner_steps=3_eval.checkpoint=last.json").read_text()
+    )
+    assert (
+        out["eval_inner_steps"] == 3
+        and out["checkpoint"] == "last"
+        and out["checkpoint_step"] == 300
+    )
     assert out["eval_loss_post"] == out["eval_loss_curve"][3]
     assert (tiny_run / "metrics.json").read_text() == before
     assert "eval_loss_post=" in proc.stdout
@@ -77,8 +123,14 @@ def test_refuses_to_overwrite_a_run_without_resume(tiny_run):
     assert proc.returncode == 2 and "train.resume=true" in proc.stderr
 
 
-@pytest.mark.parametrize("override,key", [("inner.lr=oops", "inner.lr"), ("inner.steps=-1", "inner.steps"),
-                                          ("task.shots=0", "task.shots")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("inner.lr=oops", "inner.lr"),
+        ("inner.steps=-1", "inner.steps"),
+        ("task.shots=0", "task.shots"),
+    ],
+)
 def test_bad_input_fails_before_compiling(tmp_path, override, key):
     proc = cli("train.py", override, f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert proc.returncode != 0
@@ -87,17 +139,32 @@ def test_bad_input_fails_before_compiling(tmp_path, override, key):
 
 
 def test_killed_run_resumes_bit_identically(tmp_path):
-    args = [*TINY, "train.steps=1500", "train.chunk_steps=50", "train.eval_every=500",
-            "train.checkpoint_every=50"]
+    args = [
+        *TINY,
+        "train.steps=1500",
+        "train.chunk_steps=50",
+        "train.eval_every=500",
+        "train.checkpoint_every=50",
+    ]
     full, killed = tmp_path / "full", tmp_path / "killed"
     cli("train.py", *args, f"hydra.run.dir={full}")
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "experiments" / "train.py"), *args,
-                             f"hydra.run.dir={killed}"], cwd=REPO_ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "experiments" / "train.py"),
+            *args,
+            f"hydra.run.dir={killed}",
+        ],
+        cwd=REPO_ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     last = killed / "checkpoints" / "last"
     deadline = time.time() + 180
-    while time.time() < deadline and not (last.is_dir() and any(p.name.isdigit() and int(p.name) >= 300
-                                                                 for p in last.iterdir())):
+    while time.time() < deadline and not (
+        last.is_dir() and any(p.name.isdigit() and int(p.name) >= 300 for p in last.iterdir())
+    ):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
@@ -112,10 +179,18 @@ def test_killed_run_resumes_bit_identically(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
     import shutil
+
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    proc = cli("train.py", *TINY, "train.steps=600", "inner.lr=1e30", "train.resume=true",
-               f"hydra.run.dir={run}", check=False)
+    proc = cli(
+        "train.py",
+        *TINY,
+        "train.steps=600",
+        "inner.lr=1e30",
+        "train.resume=true",
+        f"hydra.run.dir={run}",
+        check=False,
+    )
     assert proc.returncode != 0 and "meta-loss became" in proc.stderr
     step, params = final_params(run)
     assert step == 300 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -123,11 +198,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_
 
 def test_two_point_sweep_and_summary(tmp_path):
     sweep = tmp_path / "sweep"
-    cli("train.py", "-m", "inner.lr=0.01,0.02", *TINY, "train.steps=100", "eval.figure=false",
-        f"hydra.sweep.dir={sweep}")
+    cli(
+        "train.py",
+        "-m",
+        "inner.lr=0.01,0.02",
+        *TINY,
+        "train.steps=100",
+        "eval.figure=false",
+        f"hydra.sweep.dir={sweep}",
+    )
     proc = cli("summarize.py", str(sweep))
     assert (sweep / "summary.csv").is_file() and (sweep / "summary.txt").is_file()
     lines = (sweep / "summary.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[0].startswith("setting,seeds,eval_loss_post_mean")
-    values = [json.loads((sweep / str(i) / "metrics.json").read_text())["eval_loss_post"] for i in (0, 1)]
+    values = [
+        json.loads((sweep / str(i) / "metrics.json").read_text())["eval_loss_post"] for i in (0, 1)
+    ]
     assert f"{values[0]:.4f}" in proc.stdout and f"{values[1]:.4f}" in proc.stdout

@@ -4,6 +4,22 @@ from metagrad.nn.adapter import adapt_mask, functional, functional_linen
 from metagrad.nn.conv import conv2d, default_conv_impl
 from metagrad.nn.losses import accuracy, cross_entropy_loss, mse_loss
 from metagrad.nn.models import MLP, Conv4, MetaBatchNorm
+from metagrad.nn.quant import QuantConv, QuantConv4, QuantDense, QuantMLP
 
-__all__ = ["MLP", "Conv4", "MetaBatchNorm", "accuracy", "adapt_mask", "conv2d",
-           "cross_entropy_loss", "default_conv_impl", "functional", "functional_linen", "mse_loss"]
+__all__ = [
+    "MLP",
+    "Conv4",
+    "MetaBatchNorm",
+    "QuantConv",
+    "QuantConv4",
+    "QuantDense",
+    "QuantMLP",
+    "accuracy",
+    "adapt_mask",
+    "conv2d",
+    "cross_entropy_loss",
+    "default_conv_impl",
+    "functional",
+    "functional_linen",
+    "mse_loss",
+]

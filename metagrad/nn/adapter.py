@@ -29,14 +29,18 @@ def functional(module: nnx.Module) -> tuple[dict, Callable]:
     params = nnx.to_pure_dict(state)
 
     def apply(params, *args, **kwargs):
-        template = jax.tree.map(lambda x: x, state)  # a fresh State each call; never mutated in place
+        template = jax.tree.map(
+            lambda x: x, state
+        )  # a fresh State each call; never mutated in place
         nnx.replace_by_pure_dict(template, params)
         return nnx.merge(graphdef, template, rest)(*args, **kwargs)
 
     return params, apply
 
 
-def functional_linen(module, key: jax.Array, *example_args, **example_kwargs) -> tuple[dict, Callable]:
+def functional_linen(
+    module, key: jax.Array, *example_args, **example_kwargs
+) -> tuple[dict, Callable]:
     """The same for a Flax Linen module: ``params = init(...)["params"]`` and a pure ``apply``.
 
     Example:
@@ -47,8 +51,10 @@ def functional_linen(module, key: jax.Array, *example_args, **example_kwargs) ->
     """
     variables = module.init(key, *example_args, **example_kwargs)
     if set(variables) != {"params"}:
-        raise ValueError(f"functional_linen supports parameter-only modules; got collections "
-                         f"{sorted(variables)} (use metagrad.nn's explicit batch-norm policies)")
+        raise ValueError(
+            f"functional_linen supports parameter-only modules; got collections "
+            f"{sorted(variables)} (use metagrad.nn's explicit batch-norm policies)"
+        )
     return variables["params"], lambda params, *a, **kw: module.apply({"params": params}, *a, **kw)
 
 
@@ -59,9 +65,11 @@ def adapt_mask(params: PyTree, *, head_only: bool = False, adapt_batchnorm: bool
     (modules named ``norm...`` at any depth) fixed in the inner loop.
 
     Example:
-        >>> adapt_mask({"conv": {"w": 0}, "norm0": {"scale": 0}, "head": {"w": 0}}, adapt_batchnorm=False)
+        >>> params = {"conv": {"w": 0}, "norm0": {"scale": 0}, "head": {"w": 0}}
+        >>> adapt_mask(params, adapt_batchnorm=False)
         {'conv': {'w': True}, 'head': {'w': True}, 'norm0': {'scale': False}}
     """
+
     def keep(path: str) -> bool:
         parts = path.split("/")
         if head_only:

@@ -47,8 +47,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, impl: str = "aut
     if impl == "auto":
         impl = default_conv_impl()
     if impl == "lax":
-        return lax.conv_general_dilated(x, kernel, (stride, stride), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return lax.conv_general_dilated(
+            x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
     if impl != "patches":
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
     n, h, w, c = x.shape
@@ -56,7 +57,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, impl: str = "aut
     oh, top, bottom = _same_padding(h, kh, stride)
     ow, left, right = _same_padding(w, kw, stride)
     xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    patches = [xp[:, a:a + (oh - 1) * stride + 1:stride, b:b + (ow - 1) * stride + 1:stride, :]
-               for a in range(kh) for b in range(kw)]
+    patches = [
+        xp[:, a : a + (oh - 1) * stride + 1 : stride, b : b + (ow - 1) * stride + 1 : stride, :]
+        for a in range(kh)
+        for b in range(kw)
+    ]
     patches = jnp.concatenate(patches, axis=-1)  # (N, oh, ow, kh*kw*C), ordered as HWI
     return jnp.dot(patches, kernel.reshape(kh * kw * c, f))

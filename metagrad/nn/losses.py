@@ -15,6 +15,7 @@ def mse_loss(apply: Callable) -> Callable:
         >>> float(mse_loss(lambda p, x: p * x)(2.0, (jnp.ones(3), jnp.zeros(3))))
         4.0
     """
+
     def loss_fn(params, batch, step=None):
         x, y = batch
         pred = apply(params, x) if step is None else apply(params, x, step=step)
@@ -31,6 +32,7 @@ def cross_entropy_loss(apply: Callable) -> Callable:
         >>> round(float(loss(0.0, (jnp.ones((2, 4)), jnp.array([0, 3])))), 4)  # log 4
         1.3863
     """
+
     def loss_fn(params, batch, step=None):
         x, y = batch
         logits = apply(params, x) if step is None else apply(params, x, step=step)
@@ -41,6 +43,7 @@ def cross_entropy_loss(apply: Callable) -> Callable:
 
 def accuracy(apply: Callable) -> Callable:
     """``metrics_fn(params, (x, y)) -> {"acc": fraction of argmax(logits) == y}``."""
+
     def metrics_fn(params, batch):
         x, y = batch
         return {"acc": jnp.mean(jnp.argmax(apply(params, x), axis=-1) == y)}

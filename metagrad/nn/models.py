@@ -24,8 +24,9 @@ class MLP(nnx.Module):
         (7, 1)
     """
 
-    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, hidden: Sequence[int], out_features: int, *, rngs: nnx.Rngs
+    ):
         sizes = [in_features, *hidden]
         self.num_hidden = len(hidden)
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -53,8 +54,9 @@ class MetaBatchNorm(nnx.Module):
       normalised with support statistics alone (non-transductive evaluation).
     """
 
-    def __init__(self, features: int, *, policy: str = "transductive", steps: int = 1,
-                 epsilon: float = 1e-5):
+    def __init__(
+        self, features: int, *, policy: str = "transductive", steps: int = 1, epsilon: float = 1e-5
+    ):
         if policy not in BN_POLICIES:
             raise ValueError(f"batch-norm policy must be one of {BN_POLICIES}, got {policy!r}")
         shape = (steps, features) if policy == "per_step" else (features,)
@@ -74,19 +76,38 @@ class MetaBatchNorm(nnx.Module):
         return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
+def check_conv4_args(downsample: str, conv_impl: str) -> None:
+    if downsample not in ("strided", "maxpool"):
+        raise ValueError(f"downsample must be 'strided' or 'maxpool', got {downsample!r}")
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+
+
 class ConvBlock(nnx.Module):
     """3x3 convolution (bias-free: batch norm's bias replaces it), batch norm, ReLU, 2x down."""
 
-    def __init__(self, in_ch: int, out_ch: int, *, downsample: str, conv_impl: str,
-                 bn_policy: str, steps: int, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        downsample: str,
+        conv_impl: str,
+        bn_policy: str,
+        steps: int,
+        rngs: nnx.Rngs,
+    ):
         init = jax.nn.initializers.glorot_uniform()
         self.kernel = nnx.Param(init(rngs.params(), (3, 3, in_ch, out_ch)))
         self.norm = MetaBatchNorm(out_ch, policy=bn_policy, steps=steps)
         self.downsample, self.conv_impl = downsample, conv_impl
 
-    def __call__(self, x, *, step=None, stats_rows=None):
+    def _conv(self, x):
         stride = 2 if self.downsample == "strided" else 1
-        x = conv2d(x, self.kernel[...], stride=stride, impl=self.conv_impl)
+        return conv2d(x, self.kernel[...], stride=stride, impl=self.conv_impl)
+
+    def __call__(self, x, *, step=None, stats_rows=None):
+        x = self._conv(x)
         x = jax.nn.relu(self.norm(x, step=step, stats_rows=stats_rows))
         if self.downsample == "maxpool":
             x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
@@ -107,18 +128,34 @@ class Conv4(nnx.Module):
         (10, 5)
     """
 
-    def __init__(self, in_channels: int, num_classes: int, *, hidden: int = 64,
-                 downsample: str = "strided", conv_impl: str = "auto",
-                 bn_policy: str = "transductive", steps: int = 1, rngs: nnx.Rngs):
-        if downsample not in ("strided", "maxpool"):
-            raise ValueError(f"downsample must be 'strided' or 'maxpool', got {downsample!r}")
-        if conv_impl not in CONV_IMPLS:
-            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        hidden: int = 64,
+        downsample: str = "strided",
+        conv_impl: str = "auto",
+        bn_policy: str = "transductive",
+        steps: int = 1,
+        rngs: nnx.Rngs,
+    ):
+        check_conv4_args(downsample, conv_impl)
         chans = [in_channels, hidden, hidden, hidden, hidden]
         for i in range(4):
-            setattr(self, f"block_{i}", ConvBlock(chans[i], chans[i + 1], downsample=downsample,
-                                                  conv_impl=conv_impl, bn_policy=bn_policy,
-                                                  steps=steps, rngs=rngs))
+            setattr(
+                self,
+                f"block_{i}",
+                ConvBlock(
+                    chans[i],
+                    chans[i + 1],
+                    downsample=downsample,
+                    conv_impl=conv_impl,
+                    bn_policy=bn_policy,
+                    steps=steps,
+                    rngs=rngs,
+                ),
+            )
         self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
 
     def __call__(self, x, *, step=None, stats_rows=None):

@@ -36,7 +36,7 @@ from flax import nnx
 
 from metagrad import quant
 from metagrad.nn.conv import CONV_IMPLS, conv2d
-from metagrad.nn.models import MLP, Conv4, ConvBlock
+from metagrad.nn.models import MLP, Conv4, ConvBlock, check_conv4_args
 
 QUANTIZERS = ("uniform", "ternary", "lsq")
 
@@ -53,18 +53,27 @@ def _check_optional_bits(bits, name: str):
 class _Quantizes:
     """The quantization settings shared by the quantized layers (a mixin)."""
 
-    def _init_quant(self, kernel: jax.Array, *, weight_bits, act_bits, quantizer: str,
-                    per_channel: bool):
+    @staticmethod
+    def _check_quant(*, weight_bits, act_bits, quantizer: str):
         if quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
         _check_optional_bits(weight_bits, "weight_bits")
         _check_optional_bits(act_bits, "act_bits")
         if quantizer == "ternary" and weight_bits != 2:
-            raise ValueError(f"quantizer='ternary' gives 3 levels (2 bits): pass weight_bits=2, "
-                             f"got {weight_bits!r}")
+            raise ValueError(
+                f"quantizer='ternary' gives 3 levels (2 bits): pass weight_bits=2, "
+                f"got {weight_bits!r}"
+            )
         if quantizer == "lsq" and weight_bits is None:
-            raise ValueError("quantizer='lsq' learns a step size for quantized weights: pass "
-                             "weight_bits (1 to 16)")
+            raise ValueError(
+                "quantizer='lsq' learns a step size for quantized weights: pass "
+                "weight_bits (1 to 16)"
+            )
+
+    def _init_quant(
+        self, kernel: jax.Array, *, weight_bits, act_bits, quantizer: str, per_channel: bool
+    ):
+        """Stores the settings (checked by ``_check_quant`` before any initialisation)."""
         self.weight_bits, self.act_bits = weight_bits, act_bits
         self.quantizer, self.per_channel = quantizer, per_channel
         if quantizer == "lsq":
@@ -105,20 +114,39 @@ class QuantDense(nnx.Linear, _Quantizes):
         ['bias', 'kernel', 'weight_scale']
     """
 
-    def __init__(self, in_features: int, out_features: int, *, weight_bits: int | None = 8,
-                 act_bits: int | None = None, quantizer: str = "uniform",
-                 per_channel: bool = False, rngs: nnx.Rngs, **linear_kwargs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        weight_bits: int | None = 8,
+        act_bits: int | None = None,
+        quantizer: str = "uniform",
+        per_channel: bool = False,
+        rngs: nnx.Rngs,
+        **linear_kwargs,
+    ):
+        self._check_quant(weight_bits=weight_bits, act_bits=act_bits, quantizer=quantizer)
         super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
-        self._init_quant(self.kernel[...], weight_bits=weight_bits, act_bits=act_bits,
-                         quantizer=quantizer, per_channel=per_channel)
+        self._init_quant(
+            self.kernel[...],
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            quantizer=quantizer,
+            per_channel=per_channel,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
         x = self.quantize_input(x, example_axes=tuple(range(x.ndim - 1)))
-        y = self.dot_general(x, self.quantize_weight(kernel), (((x.ndim - 1,), (0,)), ((), ())),
-                             precision=self.precision)
+        y = self.dot_general(
+            x,
+            self.quantize_weight(kernel),
+            (((x.ndim - 1,), (0,)), ((), ())),
+            precision=self.precision,
+        )
         if bias is not None:
             y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
@@ -138,24 +166,43 @@ class QuantConv(nnx.Module, _Quantizes):
         (2, 6, 6, 4)
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int = 3,
-                 stride: int = 1, use_bias: bool = False, weight_bits: int | None = 8,
-                 act_bits: int | None = None, quantizer: str = "uniform",
-                 per_channel: bool = False, conv_impl: str = "auto", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel_size: int = 3,
+        stride: int = 1,
+        use_bias: bool = False,
+        weight_bits: int | None = 8,
+        act_bits: int | None = None,
+        quantizer: str = "uniform",
+        per_channel: bool = False,
+        conv_impl: str = "auto",
+        rngs: nnx.Rngs,
+    ):
         if conv_impl not in CONV_IMPLS:
             raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+        self._check_quant(weight_bits=weight_bits, act_bits=act_bits, quantizer=quantizer)
         init = jax.nn.initializers.glorot_uniform()
-        self.kernel = nnx.Param(init(rngs.params(),
-                                     (kernel_size, kernel_size, in_channels, out_channels)))
+        self.kernel = nnx.Param(
+            init(rngs.params(), (kernel_size, kernel_size, in_channels, out_channels))
+        )
         self.bias = nnx.Param(jnp.zeros((out_channels,))) if use_bias else None
         self.stride, self.conv_impl = stride, conv_impl
-        self._init_quant(self.kernel[...], weight_bits=weight_bits, act_bits=act_bits,
-                         quantizer=quantizer, per_channel=per_channel)
+        self._init_quant(
+            self.kernel[...],
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            quantizer=quantizer,
+            per_channel=per_channel,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.quantize_input(x, example_axes=0)
-        y = conv2d(x, self.quantize_weight(self.kernel[...]), stride=self.stride,
-                   impl=self.conv_impl)
+        y = conv2d(
+            x, self.quantize_weight(self.kernel[...]), stride=self.stride, impl=self.conv_impl
+        )
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -166,22 +213,47 @@ class QuantConvBlock(ConvBlock, _Quantizes):
     ``weight_scale`` for LSQ.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, *, downsample: str, conv_impl: str,
-                 bn_policy: str, steps: int, weight_bits: int | None, act_bits: int | None,
-                 quantizer: str, per_channel: bool, rngs: nnx.Rngs):
-        super().__init__(in_ch, out_ch, downsample=downsample, conv_impl=conv_impl,
-                         bn_policy=bn_policy, steps=steps, rngs=rngs)
-        self._init_quant(self.kernel[...], weight_bits=weight_bits, act_bits=act_bits,
-                         quantizer=quantizer, per_channel=per_channel)
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        downsample: str,
+        conv_impl: str,
+        bn_policy: str,
+        steps: int,
+        weight_bits: int | None,
+        act_bits: int | None,
+        quantizer: str,
+        per_channel: bool,
+        rngs: nnx.Rngs,
+    ):
+        self._check_quant(weight_bits=weight_bits, act_bits=act_bits, quantizer=quantizer)
+        super().__init__(
+            in_ch,
+            out_ch,
+            downsample=downsample,
+            conv_impl=conv_impl,
+            bn_policy=bn_policy,
+            steps=steps,
+            rngs=rngs,
+        )
+        self._init_quant(
+            self.kernel[...],
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            quantizer=quantizer,
+            per_channel=per_channel,
+        )
 
-    def __call__(self, x, *, step=None, stats_rows=None):
+    def _conv(self, x):
         stride = 2 if self.downsample == "strided" else 1
-        x = conv2d(self.quantize_input(x, example_axes=0), self.quantize_weight(self.kernel[...]),
-                   stride=stride, impl=self.conv_impl)
-        x = jax.nn.relu(self.norm(x, step=step, stats_rows=stats_rows))
-        if self.downsample == "maxpool":
-            x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
-        return x
+        return conv2d(
+            self.quantize_input(x, example_axes=0),
+            self.quantize_weight(self.kernel[...]),
+            stride=stride,
+            impl=self.conv_impl,
+        )
 
 
 def _edge(edge_bits):
@@ -204,18 +276,34 @@ class QuantMLP(MLP):
         (7, 1)
     """
 
-    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, *,
-                 weight_bits: int | None = 8, act_bits: int | None = None,
-                 quantizer: str = "uniform", per_channel: bool = False,
-                 edge_bits: int | None = 8, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        out_features: int,
+        *,
+        weight_bits: int | None = 8,
+        act_bits: int | None = None,
+        quantizer: str = "uniform",
+        per_channel: bool = False,
+        edge_bits: int | None = 8,
+        rngs: nnx.Rngs,
+    ):
         sizes = [in_features, *hidden]
         self.num_hidden = len(hidden)
         mid = {"weight_bits": weight_bits, "act_bits": act_bits, "quantizer": quantizer}
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             cfg = dict(_edge(edge_bits), act_bits=None) if i == 0 else mid
-            setattr(self, f"hidden_{i}", QuantDense(a, b, per_channel=per_channel, rngs=rngs, **cfg))
-        self.head = QuantDense(sizes[-1], out_features, per_channel=per_channel, rngs=rngs,
-                               act_bits=None if act_bits is None else edge_bits, **_edge(edge_bits))
+            layer = QuantDense(a, b, per_channel=per_channel, rngs=rngs, **cfg)
+            setattr(self, f"hidden_{i}", layer)
+        self.head = QuantDense(
+            sizes[-1],
+            out_features,
+            per_channel=per_channel,
+            rngs=rngs,
+            act_bits=None if act_bits is None else edge_bits,
+            **_edge(edge_bits),
+        )
 
 
 class QuantConv4(Conv4):
@@ -230,29 +318,55 @@ class QuantConv4(Conv4):
 
     Example:
         >>> model = QuantConv4(1, 5, hidden=8, weight_bits=4, act_bits=4, rngs=nnx.Rngs(0))
-        >>> model(jnp.zeros((2, 28, 28, 1))).shape
+        >>> nnx.jit(lambda m, x: m(x))(model, jnp.zeros((2, 16, 16, 1))).shape
         (2, 5)
     """
 
-    def __init__(self, in_channels: int, num_classes: int, *, hidden: int = 64,
-                 downsample: str = "strided", conv_impl: str = "auto",
-                 bn_policy: str = "transductive", steps: int = 1,
-                 weight_bits: int | None = 8, act_bits: int | None = None,
-                 quantizer: str = "uniform", per_channel: bool = False,
-                 edge_bits: int | None = 8, rngs: nnx.Rngs):
-        if downsample not in ("strided", "maxpool"):
-            raise ValueError(f"downsample must be 'strided' or 'maxpool', got {downsample!r}")
-        if conv_impl not in CONV_IMPLS:
-            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        hidden: int = 64,
+        downsample: str = "strided",
+        conv_impl: str = "auto",
+        bn_policy: str = "transductive",
+        steps: int = 1,
+        weight_bits: int | None = 8,
+        act_bits: int | None = None,
+        quantizer: str = "uniform",
+        per_channel: bool = False,
+        edge_bits: int | None = 8,
+        rngs: nnx.Rngs,
+    ):
+        check_conv4_args(downsample, conv_impl)
         chans = [in_channels, hidden, hidden, hidden, hidden]
         mid = {"weight_bits": weight_bits, "act_bits": act_bits, "quantizer": quantizer}
         for i in range(4):
             cfg = dict(_edge(edge_bits), act_bits=None) if i == 0 else mid
-            setattr(self, f"block_{i}", QuantConvBlock(
-                chans[i], chans[i + 1], downsample=downsample, conv_impl=conv_impl,
-                bn_policy=bn_policy, steps=steps, per_channel=per_channel, rngs=rngs, **cfg))
-        self.head = QuantDense(hidden, num_classes, per_channel=per_channel, rngs=rngs,
-                               act_bits=None if act_bits is None else edge_bits, **_edge(edge_bits))
+            setattr(
+                self,
+                f"block_{i}",
+                QuantConvBlock(
+                    chans[i],
+                    chans[i + 1],
+                    downsample=downsample,
+                    conv_impl=conv_impl,
+                    bn_policy=bn_policy,
+                    steps=steps,
+                    per_channel=per_channel,
+                    rngs=rngs,
+                    **cfg,
+                ),
+            )
+        self.head = QuantDense(
+            hidden,
+            num_classes,
+            per_channel=per_channel,
+            rngs=rngs,
+            act_bits=None if act_bits is None else edge_bits,
+            **_edge(edge_bits),
+        )
 
 
 __all__ = ["QUANTIZERS", "QuantConv", "QuantConv4", "QuantConvBlock", "QuantDense", "QuantMLP"]

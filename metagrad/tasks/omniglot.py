@@ -325,8 +325,11 @@ def sample_task(
     )
     pixels = jnp.asarray(_rotation_gather(height, width, ROTATIONS if rotations else 1))
     flat = images.reshape(n, drawings, height * width)
-    x = flat[index.character[:, None, None], index.drawing[:, :, None],
-             pixels[index.rotation][:, None, :]]
+    x = flat[
+        index.character[:, None, None],
+        index.drawing[:, :, None],
+        pixels[index.rotation][:, None, :],
+    ]
     # A multiply, not a divide: XLA turns ``/ 255`` into one anyway, so this is what it computes.
     x = x.astype(jnp.float32) * (1 / 255) if images.dtype == jnp.uint8 else x.astype(jnp.float32)
     x = x.reshape(ways, shots + query, height, width, 1)
