@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from metagrad.train import train  # after validation: bad input never waits for JAX imports
+    from metagrad.train import NonFiniteLoss, train  # after validation: bad input is fast
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -34,6 +34,9 @@ def main(cfg: DictConfig) -> float:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     keys = [
         k
         for k in ("eval_loss_pre", "eval_loss_post", "eval_acc_pre", "eval_acc_post")

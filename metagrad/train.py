@@ -192,10 +192,14 @@ def train(cfg, run_dir: str | Path) -> dict:
         seconds = time.perf_counter() - tic - (compile_seconds - before)
         if not math.isfinite(metrics["meta_loss"]):
             bar.close()
+            kept = ckpt.latest_step()
+            where = (
+                f"the last good checkpoint (step {kept}) is kept in {run_dir / 'checkpoints'}"
+                if kept is not None
+                else "no checkpoint had been written yet"
+            )
             raise NonFiniteLoss(
-                f"meta-loss became {metrics['meta_loss']} in meta-steps "
-                f"{step}..{step + n}; the last good checkpoint (step "
-                f"{ckpt.latest_step()}) is kept in {run_dir / 'checkpoints'}"
+                f"meta-loss became {metrics['meta_loss']} in meta-steps {step}..{step + n}; {where}"
             )
         timed_steps, timed_seconds = timed_steps + n, timed_seconds + seconds
         state, step = new_state, step + n
