@@ -119,13 +119,15 @@ def _query_loss(loss_fn, inner: InnerConfig, params, batch, step_index):
     return loss_fn(params, batch, step_index) if inner.step_arg else loss_fn(params, batch)
 
 
-def _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn):
-    """Pre- and post-adaptation query metrics, outside the gradient."""
+def _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn, loss_post):
+    """Pre- and post-adaptation query metrics, outside the gradient. ``loss_post`` is the query
+    loss at ``adapted``, which every estimator has already computed (recomputing it here costs
+    a forward pass per task that XLA does not always merge)."""
     params = lax.stop_gradient(meta_params["params"])
     adapted = lax.stop_gradient(adapted)
     out = {
         "loss_pre": _query_loss(loss_fn, inner, params, task.query, 0),
-        "loss_post": _query_loss(loss_fn, inner, adapted, task.query, max(inner.steps - 1, 0)),
+        "loss_post": lax.stop_gradient(loss_post),
     }
     if metrics_fn is not None:
         for k, v in metrics_fn(params, task.query).items():
@@ -166,7 +168,7 @@ def maml(
     def objective(loss_fn, meta_params, task, step, fo=first_order):
         adapted = inner.run(loss_fn, meta_params, task.support, first_order=fo)
         loss = _query_loss(loss_fn, inner, adapted, task.query, max(steps - 1, 0))
-        return loss, _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn)
+        return loss, _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn, loss)
 
     def value_and_grad(loss_fn, meta_params, task, step):
         return jax.value_and_grad(objective, argnums=1, has_aux=True)(
@@ -236,7 +238,7 @@ def mamlpp(
         else:
             per_step = jax.vmap(lambda p: loss_fn(p, task.query))(traj)
         loss = jnp.sum(msl_weights(step, steps=steps, anneal_steps=anneal_steps) * per_step)
-        metrics = _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn)
+        metrics = _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn, per_step[-1])
         return loss, metrics
 
     def value_and_grad(loss_fn, meta_params, task, step):
@@ -270,7 +272,7 @@ def reptile(
     def objective(loss_fn, meta_params, task, step):
         adapted = inner.run(loss_fn, meta_params, task.support, first_order=False)
         loss = _query_loss(loss_fn, inner, adapted, task.query, steps - 1)
-        return loss, _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn)
+        return loss, _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn, loss)
 
     def value_and_grad(loss_fn, meta_params, task, step):
         _no_learned_lr(meta_params, "reptile")
@@ -278,7 +280,7 @@ def reptile(
         adapted = inner.run(loss_fn, meta_params, task.support, first_order=True)
         direction = jax.tree.map(lambda t, p: (t - p) / scale, theta, lax.stop_gradient(adapted))
         loss = _query_loss(loss_fn, inner, adapted, task.query, steps - 1)
-        metrics = _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn)
+        metrics = _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn, loss)
         return (lax.stop_gradient(loss), metrics), {"params": direction}
 
     return MetaGradEstimator("reptile", objective, value_and_grad)
@@ -321,9 +323,8 @@ def imaml(
         theta = meta_params["params"]
         prox = lambda p, b: loss_fn(p, b) + 0.5 * reg * _sq_dist(p, theta)
         adapted = inner.run(prox, {"params": theta}, task.support, first_order=False)
-        return loss_fn(adapted, task.query), _metrics(
-            loss_fn, inner, meta_params, adapted, task, metrics_fn
-        )
+        loss = loss_fn(adapted, task.query)
+        return loss, _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn, loss)
 
     def value_and_grad(loss_fn, meta_params, task, step):
         _no_learned_lr(meta_params, "imaml")
@@ -336,7 +337,7 @@ def imaml(
             return jax.tree.map(lambda vi, hvi: vi + (hvi + damping * vi) / reg, v, hv)
 
         g, _ = jax.scipy.sparse.linalg.cg(matvec, g_query, tol=cg_tol, maxiter=cg_iters)
-        metrics = _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn)
+        metrics = _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn, loss)
         return (loss, metrics), {"params": g}
 
     return MetaGradEstimator("imaml", objective, value_and_grad)
