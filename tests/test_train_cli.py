@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -215,3 +216,43 @@ def test_two_point_sweep_and_summary(tmp_path):
         json.loads((sweep / str(i) / "metrics.json").read_text())["eval_loss_post"] for i in (0, 1)
     ]
     assert f"{values[0]:.4f}" in proc.stdout and f"{values[1]:.4f}" in proc.stdout
+
+
+def _omniglot_dir():
+    env = os.environ.get("METAGRAD_OMNIGLOT_DIR")
+    candidates = [env] if env else []
+    candidates.append(str(REPO_ROOT.parent / "shared" / "data" / "omniglot"))
+    for c in candidates:
+        if c and (Path(c) / "images_background.zip").exists():
+            return c
+    return None
+
+
+@pytest.mark.skipif(
+    _omniglot_dir() is None,
+    reason="Omniglot not found: set METAGRAD_OMNIGLOT_DIR "
+    "or put the official zips in ../shared/data/omniglot",
+)
+def test_omniglot_cli_end_to_end_learns(tmp_path):
+    run = tmp_path / "omniglot"
+    cli(
+        "train.py",
+        "task=omniglot",
+        f"task.data_dir={_omniglot_dir()}",
+        "model.channels=16",
+        "task.query=5",
+        "train.meta_batch_size=8",
+        "train.steps=200",
+        "train.chunk_steps=100",
+        "train.eval_every=200",
+        "train.checkpoint_every=200",
+        "eval.tasks=100",
+        "eval.val_tasks=20",
+        "eval.figure=false",
+        "train.progress=false",
+        f"hydra.run.dir={run}",
+        timeout=600,
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval_acc_post"] >= 0.5  # chance is 0.2
+    assert abs(metrics["eval_acc_pre"] - 0.2) < 0.1  # the head is not told the labels
