@@ -14,7 +14,14 @@ import optax
 from flax import nnx
 
 from metagrad import nn as mnn
-from metagrad.outer import MetaGradEstimator, imaml, maml, mamlpp, reptile
+from metagrad.outer import (
+    MetaGradEstimator,
+    default_task_batching,
+    imaml,
+    maml,
+    mamlpp,
+    reptile,
+)
 from metagrad.tasks import sinusoid
 from metagrad.tasks.base import Task
 
@@ -129,6 +136,14 @@ def initial_lr(cfg, params) -> Any:
     return jax.tree.map(leaf, params)
 
 
+def inner_mask(cfg, params):
+    """Which parameters adapt (ANIL: the head; optionally not batch norm), or None for all."""
+    a = cfg.algo
+    if a.head_only or not a.adapt_batchnorm:
+        return mnn.adapt_mask(params, head_only=a.head_only, adapt_batchnorm=a.adapt_batchnorm)
+    return None
+
+
 def build_estimator(cfg, model: Model, *, steps: int | None = None) -> MetaGradEstimator:
     a, inner = cfg.algo, cfg.inner
     steps = inner.steps if steps is None else steps
@@ -138,10 +153,7 @@ def build_estimator(cfg, model: Model, *, steps: int | None = None) -> MetaGradE
         remat=inner.remat,
         metrics_fn=model.metrics_fn,
     )
-    if a.head_only or not a.adapt_batchnorm:
-        kw["mask"] = mnn.adapt_mask(
-            model.params, head_only=a.head_only, adapt_batchnorm=a.adapt_batchnorm
-        )
+    kw["mask"] = inner_mask(cfg, model.params)
     if a.name == "reptile":
         return reptile(**kw)
     if a.name == "imaml":
@@ -173,7 +185,8 @@ def initial_meta_params(cfg, model: Model) -> dict:
 
 
 def resolve_task_batching(cfg) -> str | int:
+    """``train.task_batching``; ``auto`` is :func:`metagrad.outer.default_task_batching`."""
     tb = str(cfg.train.task_batching)
     if tb == "auto":
-        return "vmap"
+        return default_task_batching(jax.default_backend())
     return int(tb) if tb.isdigit() else tb

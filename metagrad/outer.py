@@ -537,7 +537,8 @@ def check_meta_grad(
     with jax.enable_x64(True):
         mp64 = _to_float64(meta_params)
         task64 = _to_float64(task)
-        (_, _), grads = estimator.value_and_grad(loss_fn, mp64, task64, jnp.asarray(step))
+        value_and_grad = jax.jit(lambda mp, t: estimator.value_and_grad(loss_fn, mp, t, step))
+        (_, _), grads = value_and_grad(mp64, task64)
         flat, unravel = ravel_pytree(mp64)
         g_flat, _ = ravel_pytree(grads)
         n = flat.shape[0]

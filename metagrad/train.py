@@ -69,13 +69,7 @@ class Experiment:
 
     def curve_fn(self, *, steps: int):
         a = self.cfg.algo
-        mask = None
-        if a.head_only or not a.adapt_batchnorm:
-            from metagrad.nn import adapt_mask
-
-            mask = adapt_mask(
-                self.model.params, head_only=a.head_only, adapt_batchnorm=a.adapt_batchnorm
-            )
+        mask = build.inner_mask(self.cfg, self.model.params)
         return make_curve_fn(
             self.model.loss_fn,
             self.model.metrics_fn,
