@@ -17,6 +17,27 @@ from omegaconf import DictConfig
 from metagrad.config import Config, ConfigError, validate
 
 ConfigStore.instance().store(name="base_config", node=Config)
+GROUPS = ("task", "model", "algo", "experiment", "hparams_search")
+
+
+def check_override_types(argv: list[str]) -> None:
+    """One line naming the key for a value of the wrong type (Hydra's own message is longer)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(Config)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith(("-", "+", "~", "hydra.")) or key in GROUPS:
+            continue
+        if "," in value and ("-m" in argv or "--multirun" in argv):
+            continue  # a sweep over values: Hydra checks each
+        try:
+            OmegaConf.merge(schema, OmegaConf.from_dotlist([arg]))
+        except OmegaConfBaseException as e:
+            reason = str(e).splitlines()[0]
+            print(f"error: {arg}: {reason}", file=sys.stderr)
+            sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -53,4 +74,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    check_override_types(sys.argv[1:])
     main()
