@@ -38,6 +38,7 @@ SCRIPT = textwrap.dedent("""
     spec = jax.sharding.PartitionSpec("tasks")
     sharded = jax.device_put(tasks, jax.sharding.NamedSharding(mg.outer.task_mesh(4), spec))
     grad_fn = lambda t: mg.batch_value_and_grad(est, loss_fn, {"params": params}, t, 0)[1]
+    g1 = grad_fn(tasks)
     g4 = jax.jit(grad_fn)(sharded)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
