@@ -70,7 +70,7 @@ def test_per_step_batchnorm_uses_its_steps_affine_weights(key):
     np.testing.assert_array_equal(apply(params, x, step=7), apply(params, x, step=2))  # clamped
 
 
-def _conv_task(key, ways=2, shots=2, size=8):
+def _conv_task(key, ways=2, shots=2, size=4):
     k1, k2 = jax.random.split(key)
     labels = jnp.repeat(jnp.arange(ways), shots)
     return mg.Task(
@@ -81,7 +81,7 @@ def _conv_task(key, ways=2, shots=2, size=8):
 
 @pytest.mark.parametrize("policy", ["transductive", "per_step"])
 def test_conv4_meta_gradients_match_finite_differences(key, policy):
-    model = mnn.Conv4(1, 2, hidden=3, bn_policy=policy, steps=2, rngs=nnx.Rngs(1))
+    model = mnn.Conv4(1, 2, hidden=2, bn_policy=policy, steps=2, rngs=nnx.Rngs(1))
     params, apply = mnn.functional(model)
     loss = mnn.cross_entropy_loss(apply)
     task = _conv_task(key)

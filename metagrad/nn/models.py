@@ -123,7 +123,7 @@ class Conv4(nnx.Module):
     batch-norm scale 1 and bias 0. Inputs are NHWC.
 
     Example:
-        >>> model = Conv4(1, 5, rngs=nnx.Rngs(0))
+        >>> model = Conv4(1, 5, hidden=8, rngs=nnx.Rngs(0))  # 64 filters by default
         >>> model(jnp.zeros((10, 28, 28, 1))).shape
         (10, 5)
     """
