@@ -4,7 +4,8 @@ Workloads (second-order MAML unless said otherwise):
 
 - ``sinusoid``: Finn et al.'s regression (MLP 1-40-40-1, meta-batch 25, K = 10 support and 10
   query points, one inner step at 0.01, Adam 1e-3). Timed two ways: one dispatch per meta-step,
-  and a chunk of meta-steps per compiled call (``lax.scan`` with on-device task sampling).
+  and a chunk of meta-steps per compiled call (``lax.scan`` with on-device task sampling); the
+  chunked timing also with ``lax.map`` over tasks, to choose the default task batching.
 - ``conv4``: Omniglot 5-way 1-shot, 15 queries per class, random 28x28x1 inputs (as the peers),
   one inner step at 0.4, Adam 1e-3; strided and max-pool Conv4; meta-batch 32 and 4; every conv
   implementation x task batching, so that the defaults can be chosen from data. ``lean`` rows
@@ -155,34 +156,34 @@ def sample_sinusoid(key, meta_batch: int, k_support: int, k_query: int) -> Task:
 def bench_sinusoid(args) -> list[dict]:
     mb, k = 25, 10
     params, apply = functional(MLP(1, (40, 40), 1, rngs=nnx.Rngs(0)))
-    learner = mg.meta_learner(mse_loss(apply), mg.maml(steps=1, lr=0.01), optax.adam(1e-3),
-                              jit=False)
-    state = learner.init({"params": params})
     chunk = 20 if args.quick else 200
+    rows, step_flops = [], None
+    # (task batching, timing mode): vmap is timed both ways, lax.map to choose the default
+    for tb, mode in (("vmap", "dispatch"), ("vmap", "scan"), ("map", "scan")):
+        learner = mg.meta_learner(mse_loss(apply), mg.maml(steps=1, lr=0.01), optax.adam(1e-3),
+                                  task_batching=tb, jit=False)
+        state = learner.init({"params": params})
 
-    def one_step(state, key):
-        key, sub = jax.random.split(key)
-        state, metrics = learner.update(state, sample_sinusoid(sub, mb, k, k))
-        return (state, key), metrics["meta_loss"]
+        def one_step(state, key, learner=learner):
+            key, sub = jax.random.split(key)
+            state, metrics = learner.update(state, sample_sinusoid(sub, mb, k, k))
+            return (state, key), metrics["meta_loss"]
 
-    def dispatch(state, key):  # one dispatch per meta-step
-        (state, key), loss = one_step(state, key)
-        return state, (key, loss)
+        def dispatch(state, key, one_step=one_step):  # one dispatch per meta-step
+            (state, key), loss = one_step(state, key)
+            return state, (key, loss)
 
-    def scanned(state, key):  # `chunk` meta-steps per dispatch
-        (state, key), losses = lax.scan(lambda c, _: one_step(*c), (state, key), None,
-                                        length=chunk)
-        return state, (key, losses[-1])
+        def scanned(state, key, one_step=one_step):  # `chunk` meta-steps per dispatch
+            (state, key), losses = lax.scan(lambda c, _: one_step(*c), (state, key), None,
+                                            length=chunk)
+            return state, (key, losses[-1])
 
-    rows = []
-    key = jax.random.key(0)
-    step_flops = None
-    for mode, fn, steps_per_call in (("dispatch", dispatch, 1), ("scan", scanned, chunk)):
-        compiled, compile_s = compile_step(fn, state, key)
+        fn, steps_per_call = (dispatch, 1) if mode == "dispatch" else (scanned, chunk)
+        compiled, compile_s = compile_step(fn, state, jax.random.key(0))
         cm = cost_and_memory(compiled)
-        if mode == "dispatch":
+        if mode == "dispatch":  # loop-free: XLA counts every op once
             step_flops = cm["flops"]
-        box = [state, key]
+        box = [state, jax.random.key(0)]
 
         def call(compiled=compiled, box=box):
             box[0], (box[1], _) = compiled(box[0], box[1])
@@ -190,7 +191,7 @@ def bench_sinusoid(args) -> list[dict]:
         t = time_calls(call, target_s=args.target_s, blocks=args.blocks, max_call_s=args.max_call_s)
         sps = t["calls_per_s"] * steps_per_call
         rows.append(_row("sinusoid", {"mode": mode, "meta_batch": mb, "estimator": "maml",
-                                      "inner_steps": 1, "task_batching": "vmap",
+                                      "inner_steps": 1, "task_batching": tb,
                                       "steps_per_call": steps_per_call},
                          sps, mb, compile_s, step_flops, cm, t))
     return rows
@@ -312,7 +313,7 @@ def _row(workload, config, meta_steps_per_s, meta_batch, compile_s, flops, cm, t
 
 def _label(r: dict) -> str:
     if r["workload"] == "sinusoid":
-        return f"sinusoid mb{r['meta_batch']} {r['mode']}"
+        return f"sinusoid mb{r['meta_batch']} {r['task_batching']} {r['mode']}"
     parts = [r["workload"], r.get("arch", ""), f"mb{r['meta_batch']}", r.get("conv_impl", ""),
              str(r.get("task_batching", "")), r.get("estimator", "")]
     if r["workload"] == "inner_steps":
