@@ -17,8 +17,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-SINUSOID_IMPLS = ["torchfunc_vmap_bwd", "torchfunc_vmap", "autograd_loop", "torchopt", "l2l",
-                  "torchfunc_loop", "higher"]
+SINUSOID_IMPLS = [
+    "torchfunc_vmap_bwd",
+    "torchfunc_vmap",
+    "autograd_loop",
+    "torchopt",
+    "l2l",
+    "torchfunc_loop",
+    "higher",
+]
 CONV4_IMPLS = ["autograd_loop", "l2l", "higher", "torchfunc_loop", "torchfunc_vmap_bwd"]
 CORRECT_RTOL = 1e-4  # relative L2 error of one float32 meta-gradient against the autograd loop
 REFERENCE = "autograd_loop"
@@ -40,8 +47,9 @@ def _run(python: str, script: Path, args: list[str], timeout: float) -> list[dic
     cmd = [python, str(script), *args]
     print("  $", " ".join(cmd[1:]), flush=True)
     try:
-        proc = subprocess.run(cmd, cwd=script.parent, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd, cwd=script.parent, capture_output=True, text=True, timeout=timeout, check=False
+        )
     except subprocess.TimeoutExpired:
         print(f"  peer run timed out after {timeout:.0f} s", file=sys.stderr)
         return []
@@ -53,8 +61,9 @@ def _run(python: str, script: Path, args: list[str], timeout: float) -> list[dic
             except json.JSONDecodeError:
                 pass
     if proc.returncode != 0:
-        print(f"  peer script exited {proc.returncode}: {proc.stderr.strip()[-500:]}",
-              file=sys.stderr)
+        print(
+            f"  peer script exited {proc.returncode}: {proc.stderr.strip()[-500:]}", file=sys.stderr
+        )
     return rows
 
 
@@ -64,8 +73,10 @@ def _correct(check_rows: list[dict], impls: list[str]) -> dict[str, dict]:
     for row in check_rows:
         if row.get("check") == "meta_grad" and row.get("vs") == REFERENCE:
             err = row.get("rel_l2_err")
-            out[row["impl"]] = {"correct": err is not None and err < CORRECT_RTOL,
-                                "rel_l2_err": err}
+            out[row["impl"]] = {
+                "correct": err is not None and err < CORRECT_RTOL,
+                "rel_l2_err": err,
+            }
     for impl in impls:
         out.setdefault(impl, {"correct": False, "rel_l2_err": None})
     return out
@@ -81,59 +92,119 @@ def run_sinusoid(python: str, peers_dir: Path, *, quick: bool, threads: list[int
     warmup, timing = (10, 50) if quick else (20, 200)
     rows = []
     for n in threads:
-        rows += _run(python, script, ["--impls", ",".join(impls), "--steps", str(warmup + timing),
-                                      "--warmup", str(warmup), "--timing-steps", str(timing),
-                                      "--test-tasks", "10", "--threads", str(n)], 1800)
+        rows += _run(
+            python,
+            script,
+            [
+                "--impls",
+                ",".join(impls),
+                "--steps",
+                str(warmup + timing),
+                "--warmup",
+                str(warmup),
+                "--timing-steps",
+                str(timing),
+                "--test-tasks",
+                "10",
+                "--threads",
+                str(n),
+            ],
+            1800,
+        )
     out = []
     for row in rows:
         if "error" in row:
             out.append({"workload": "sinusoid", "impl": row.get("impl"), "error": row["error"]})
             continue
-        out.append({
-            "workload": "sinusoid", "impl": row["impl"], "meta_batch": row.get("meta_batch", 25),
-            "threads": row.get("threads"),
-            "meta_steps_per_s": row.get("steps_per_s_block_median", row.get("steps_per_s")),
-            "meta_steps_per_s_overall": row.get("steps_per_s"),
-            "foreign_cpu_s": row.get("foreign_cpu_s_in_window"), "window_s": row.get("window_s"),
-            **checks.get(row["impl"], {"correct": False, "rel_l2_err": None}),
-        })
+        out.append(
+            {
+                "workload": "sinusoid",
+                "impl": row["impl"],
+                "meta_batch": row.get("meta_batch", 25),
+                "threads": row.get("threads"),
+                "meta_steps_per_s": row.get("steps_per_s_block_median", row.get("steps_per_s")),
+                "meta_steps_per_s_overall": row.get("steps_per_s"),
+                "foreign_cpu_s": row.get("foreign_cpu_s_in_window"),
+                "window_s": row.get("window_s"),
+                **checks.get(row["impl"], {"correct": False, "rel_l2_err": None}),
+            }
+        )
     return out
 
 
-def run_conv4(python: str, peers_dir: Path, *, arch: str, meta_batches: list[int], quick: bool,
-              threads: list[int]) -> list[dict]:
+def run_conv4(
+    python: str,
+    peers_dir: Path,
+    *,
+    arch: str,
+    meta_batches: list[int],
+    quick: bool,
+    threads: list[int],
+) -> list[dict]:
     """One row per (implementation, meta-batch, torch threads) for ``arch`` (strided, maxpool)."""
     script = peers_dir / "bench_omniglot_conv4.py"
     impls = CONV4_IMPLS[:2] if quick else CONV4_IMPLS
     order = [REFERENCE] + [i for i in impls if i != REFERENCE]
-    checks = _correct(_run(python, script, ["--check", "--arch", arch, "--impls", ",".join(order)],
-                           600), impls)
+    checks = _correct(
+        _run(python, script, ["--check", "--arch", arch, "--impls", ",".join(order)], 600), impls
+    )
     warmup, timing = (1, 3) if quick else (2, 6)
     rows = []
     for n in threads:
-        rows += _run(python, script, ["--arch", arch, "--impls", ",".join(impls), "--meta-batches",
-                                      ",".join(map(str, meta_batches)), "--warmup", str(warmup),
-                                      "--timing-steps", str(timing), "--threads", str(n)], 3600)
+        rows += _run(
+            python,
+            script,
+            [
+                "--arch",
+                arch,
+                "--impls",
+                ",".join(impls),
+                "--meta-batches",
+                ",".join(map(str, meta_batches)),
+                "--warmup",
+                str(warmup),
+                "--timing-steps",
+                str(timing),
+                "--threads",
+                str(n),
+            ],
+            3600,
+        )
     out = []
     for row in rows:
-        base = {"workload": "conv4", "arch": arch, "impl": row.get("impl"),
-                "meta_batch": row.get("meta_batch"), "threads": row.get("threads")}
+        base = {
+            "workload": "conv4",
+            "arch": arch,
+            "impl": row.get("impl"),
+            "meta_batch": row.get("meta_batch"),
+            "threads": row.get("threads"),
+        }
         if "error" in row:
             out.append({**base, "error": row["error"]})
             continue
         median_s = row.get("s_per_meta_step_median") or row["s_per_meta_step"]
-        out.append({**base, "meta_steps_per_s": 1.0 / median_s,
-                    "meta_steps_per_s_overall": row.get("meta_steps_per_s"),
-                    "tasks_per_s": row["meta_batch"] / median_s,
-                    "foreign_cpu_s": row.get("foreign_cpu_s_in_window"),
-                    "window_s": row.get("window_s"),
-                    **checks.get(row["impl"], {"correct": False, "rel_l2_err": None})})
+        out.append(
+            {
+                **base,
+                "meta_steps_per_s": 1.0 / median_s,
+                "meta_steps_per_s_overall": row.get("meta_steps_per_s"),
+                "tasks_per_s": row["meta_batch"] / median_s,
+                "foreign_cpu_s": row.get("foreign_cpu_s_in_window"),
+                "window_s": row.get("window_s"),
+                **checks.get(row["impl"], {"correct": False, "rel_l2_err": None}),
+            }
+        )
     return out
 
 
 def fastest_correct(peers: list[dict], **match) -> dict | None:
     """The fastest peer row (over implementations and torch thread counts) that matches ``match``
     and whose meta-gradient is correct."""
-    rows = [p for p in peers if p.get("correct") and p.get("meta_steps_per_s")
-            and all(p.get(k) == v for k, v in match.items())]
+    rows = [
+        p
+        for p in peers
+        if p.get("correct")
+        and p.get("meta_steps_per_s")
+        and all(p.get(k) == v for k, v in match.items())
+    ]
     return max(rows, key=lambda p: p["meta_steps_per_s"], default=None)

@@ -60,6 +60,7 @@ CONV_IMPLS = ("lax", "patches")
 
 # --- measuring ---------------------------------------------------------------------------------
 
+
 def _cpu_snapshot() -> tuple[float, float] | None:
     """(machine-wide busy CPU seconds, this process's CPU seconds), or None off Linux."""
     try:
@@ -98,8 +99,10 @@ def cost_and_memory(compiled) -> dict:
         pass
     try:
         mem = compiled.memory_analysis()
-        parts = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
-                 ("argument", "output", "temp", "alias")}
+        parts = {
+            k: int(getattr(mem, f"{k}_size_in_bytes"))
+            for k in ("argument", "output", "temp", "alias")
+        }
         out.update({f"{k}_bytes": v for k, v in parts.items()})
         out["peak_bytes"] = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
     except Exception:  # noqa: BLE001
@@ -107,8 +110,9 @@ def cost_and_memory(compiled) -> dict:
     return out
 
 
-def time_calls(call: Callable[[], object], *, target_s: float, blocks: int,
-               max_call_s: float) -> dict:
+def time_calls(
+    call: Callable[[], object], *, target_s: float, blocks: int, max_call_s: float
+) -> dict:
     """Median calls/s over ``blocks`` timed blocks of about ``target_s`` each, after one warm-up
     call. A call slower than ``max_call_s`` is timed once (the warm-up excluded)."""
     t0 = time.perf_counter()
@@ -126,9 +130,14 @@ def time_calls(call: Callable[[], object], *, target_s: float, blocks: int,
         jax.block_until_ready(out)
         rates.append(per_block / (time.perf_counter() - t))
     window = time.perf_counter() - w0
-    return {"calls_per_s": statistics.median(rates), "calls_per_s_blocks": rates,
-            "calls_per_block": per_block, "warmup_call_s": first,
-            "foreign_cpu": _foreign_cpu(c0, _cpu_snapshot(), window), "window_s": window}
+    return {
+        "calls_per_s": statistics.median(rates),
+        "calls_per_s_blocks": rates,
+        "calls_per_block": per_block,
+        "warmup_call_s": first,
+        "foreign_cpu": _foreign_cpu(c0, _cpu_snapshot(), window),
+        "window_s": window,
+    }
 
 
 def _stateful(compiled, state, *args):
@@ -138,10 +147,12 @@ def _stateful(compiled, state, *args):
     def call():
         box[0], _ = compiled(box[0], *args)
         return box[0]
+
     return call
 
 
 # --- workloads ---------------------------------------------------------------------------------
+
 
 def sample_sinusoid(key, meta_batch: int, k_support: int, k_query: int) -> Task:
     """Finn et al.'s tasks: y = A sin(x - phi), A ~ U[0.1, 5], phi ~ U[0, pi], x ~ U[-5, 5]."""
@@ -160,8 +171,13 @@ def bench_sinusoid(args) -> list[dict]:
     rows, step_flops = [], None
     # (task batching, timing mode): vmap is timed both ways, lax.map to choose the default
     for tb, mode in (("vmap", "dispatch"), ("vmap", "scan"), ("map", "scan")):
-        learner = mg.meta_learner(mse_loss(apply), mg.maml(steps=1, lr=0.01), optax.adam(1e-3),
-                                  task_batching=tb, jit=False)
+        learner = mg.meta_learner(
+            mse_loss(apply),
+            mg.maml(steps=1, lr=0.01),
+            optax.adam(1e-3),
+            task_batching=tb,
+            jit=False,
+        )
         state = learner.init({"params": params})
 
         def one_step(state, key, learner=learner):
@@ -174,8 +190,9 @@ def bench_sinusoid(args) -> list[dict]:
             return state, (key, loss)
 
         def scanned(state, key, one_step=one_step):  # `chunk` meta-steps per dispatch
-            (state, key), losses = lax.scan(lambda c, _: one_step(*c), (state, key), None,
-                                            length=chunk)
+            (state, key), losses = lax.scan(
+                lambda c, _: one_step(*c), (state, key), None, length=chunk
+            )
             return state, (key, losses[-1])
 
         fn, steps_per_call = (dispatch, 1) if mode == "dispatch" else (scanned, chunk)
@@ -188,12 +205,28 @@ def bench_sinusoid(args) -> list[dict]:
         def call(compiled=compiled, box=box):
             box[0], (box[1], _) = compiled(box[0], box[1])
             return box[0]
+
         t = time_calls(call, target_s=args.target_s, blocks=args.blocks, max_call_s=args.max_call_s)
         sps = t["calls_per_s"] * steps_per_call
-        rows.append(_row("sinusoid", {"mode": mode, "meta_batch": mb, "estimator": "maml",
-                                      "inner_steps": 1, "task_batching": tb,
-                                      "steps_per_call": steps_per_call},
-                         sps, mb, compile_s, step_flops, cm, t))
+        rows.append(
+            _row(
+                "sinusoid",
+                {
+                    "mode": mode,
+                    "meta_batch": mb,
+                    "estimator": "maml",
+                    "inner_steps": 1,
+                    "task_batching": tb,
+                    "steps_per_call": steps_per_call,
+                },
+                sps,
+                mb,
+                compile_s,
+                step_flops,
+                cm,
+                t,
+            )
+        )
     return rows
 
 
@@ -213,8 +246,10 @@ def lean_maml(steps: int, lr: float) -> mg.MetaGradEstimator:
     full = mg.maml(steps=steps, lr=lr)
 
     def value_and_grad(loss_fn, meta_params, task, step):
-        f = lambda mp: (mg.meta_loss(loss_fn, mp["params"], task.support, task.query,
-                                     steps=steps, lr=lr), {})
+        f = lambda mp: (
+            mg.meta_loss(loss_fn, mp["params"], task.support, task.query, steps=steps, lr=lr),
+            {},
+        )
         return jax.value_and_grad(f, has_aux=True)(meta_params)
 
     return mg.MetaGradEstimator("maml_lean", full.objective, value_and_grad)
@@ -223,26 +258,52 @@ def lean_maml(steps: int, lr: float) -> mg.MetaGradEstimator:
 def conv4_learner(*, arch: str, impl: str, task_batching, estimator, meta_batch: int):
     model = Conv4(1, 5, downsample=arch, conv_impl=impl, rngs=nnx.Rngs(0))
     params, apply = functional(model)
-    learner = mg.meta_learner(cross_entropy_loss(apply), estimator, optax.adam(1e-3),
-                              task_batching=task_batching, jit=False)
+    learner = mg.meta_learner(
+        cross_entropy_loss(apply),
+        estimator,
+        optax.adam(1e-3),
+        task_batching=task_batching,
+        jit=False,
+    )
     state = learner.init({"params": params})
     return learner.update, state, conv4_tasks(jax.random.key(1), meta_batch)
 
 
 def run_conv4(config: dict, args, estimator, flops_cache: dict) -> dict:
-    update, state, tasks = conv4_learner(arch=config["arch"], impl=config["conv_impl"],
-                                         task_batching=config["task_batching"],
-                                         estimator=estimator, meta_batch=config["meta_batch"])
+    update, state, tasks = conv4_learner(
+        arch=config["arch"],
+        impl=config["conv_impl"],
+        task_batching=config["task_batching"],
+        estimator=estimator,
+        meta_batch=config["meta_batch"],
+    )
     compiled, compile_s = compile_step(update, state, tasks)
     cm = cost_and_memory(compiled)
-    flops_key = (config["arch"], config["meta_batch"], config["conv_impl"],
-                 config.get("estimator"), config.get("inner_steps"))
+    flops_key = (
+        config["arch"],
+        config["meta_batch"],
+        config["conv_impl"],
+        config.get("estimator"),
+        config.get("inner_steps"),
+    )
     if config["task_batching"] == "vmap" and cm["flops"]:
         flops_cache[flops_key] = cm["flops"]
-    t = time_calls(_stateful(compiled, state, tasks), target_s=args.target_s, blocks=args.blocks,
-                   max_call_s=args.max_call_s)
-    return _row(config.pop("workload"), config, t["calls_per_s"], config["meta_batch"], compile_s,
-                flops_cache.get(flops_key), cm, t)
+    t = time_calls(
+        _stateful(compiled, state, tasks),
+        target_s=args.target_s,
+        blocks=args.blocks,
+        max_call_s=args.max_call_s,
+    )
+    return _row(
+        config.pop("workload"),
+        config,
+        t["calls_per_s"],
+        config["meta_batch"],
+        compile_s,
+        flops_cache.get(flops_key),
+        cm,
+        t,
+    )
 
 
 def bench_conv4(args) -> list[dict]:
@@ -251,22 +312,41 @@ def bench_conv4(args) -> list[dict]:
         for mb in args.meta_batches:
             for impl in CONV_IMPLS:
                 for tb in ("vmap", "map"):  # vmap first: map rows take their flops from it
-                    if (impl == "lax" and mb >= 32 and not args.full_grid
-                            and (arch == "maxpool" or tb == "map")):
-                        print(f"  skip conv4 {arch} mb{mb} lax {tb} (about a minute per step; "
-                              "--full-grid runs it)", flush=True)
+                    if (
+                        impl == "lax"
+                        and mb >= 32
+                        and not args.full_grid
+                        and (arch == "maxpool" or tb == "map")
+                    ):
+                        print(
+                            f"  skip conv4 {arch} mb{mb} lax {tb} (about a minute per step; "
+                            "--full-grid runs it)",
+                            flush=True,
+                        )
                         continue
-                    cfg = {"workload": "conv4", "arch": arch, "meta_batch": mb,
-                           "conv_impl": impl, "task_batching": tb, "estimator": "maml",
-                           "inner_steps": 1}
+                    cfg = {
+                        "workload": "conv4",
+                        "arch": arch,
+                        "meta_batch": mb,
+                        "conv_impl": impl,
+                        "task_batching": tb,
+                        "estimator": "maml",
+                        "inner_steps": 1,
+                    }
                     rows.append(run_conv4(cfg, args, mg.maml(steps=1, lr=0.4), flops_cache))
                     _print_progress(rows[-1])
             # what the pre-adaptation metrics cost, with the fastest configuration just measured
             done = [r for r in rows if r.get("arch") == arch and r.get("meta_batch") == mb]
             best = max(done, key=lambda r: r["meta_steps_per_s"])
-            cfg = {"workload": "conv4", "arch": arch, "meta_batch": mb,
-                   "conv_impl": best["conv_impl"], "task_batching": best["task_batching"],
-                   "estimator": "maml_lean", "inner_steps": 1}
+            cfg = {
+                "workload": "conv4",
+                "arch": arch,
+                "meta_batch": mb,
+                "conv_impl": best["conv_impl"],
+                "task_batching": best["task_batching"],
+                "estimator": "maml_lean",
+                "inner_steps": 1,
+            }
             rows.append(run_conv4(cfg, args, lean_maml(1, 0.4), flops_cache))
             _print_progress(rows[-1])
     return rows
@@ -284,38 +364,68 @@ def bench_inner_steps(args, task_batching) -> list[dict]:
     rows = []
     for name, make in SWEEP_ESTIMATORS.items():
         for steps in args.inner_steps:
-            cfg = {"workload": "inner_steps", "arch": "strided", "meta_batch": 4,
-                   "conv_impl": default_conv_impl(), "task_batching": task_batching,
-                   "estimator": name, "inner_steps": steps}
+            cfg = {
+                "workload": "inner_steps",
+                "arch": "strided",
+                "meta_batch": 4,
+                "conv_impl": default_conv_impl(),
+                "task_batching": task_batching,
+                "estimator": name,
+                "inner_steps": steps,
+            }
             try:
                 rows.append(run_conv4(cfg, args, make(steps), {}))
             except Exception as e:  # noqa: BLE001 - e.g. out of memory at 100 steps on a GPU
-                rows.append({**cfg, "workload": "inner_steps",
-                             "error": f"{type(e).__name__}: {e}"[:300]})
+                rows.append(
+                    {**cfg, "workload": "inner_steps", "error": f"{type(e).__name__}: {e}"[:300]}
+                )
             _print_progress(rows[-1])
     return rows
 
 
 def _row(workload, config, meta_steps_per_s, meta_batch, compile_s, flops, cm, t) -> dict:
-    row = {"workload": workload, **config,
-           "meta_steps_per_s": meta_steps_per_s, "tasks_per_s": meta_steps_per_s * meta_batch,
-           "compile_s": compile_s, "flops_per_meta_step": flops,
-           "gflop_per_s": flops * meta_steps_per_s / 1e9 if flops else None,
-           "peak_bytes": cm.get("peak_bytes"),
-           **{k: cm[k] for k in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes")
-              if k in cm},
-           **{k: t[k] for k in ("calls_per_s_blocks", "calls_per_block", "warmup_call_s",
-                                "foreign_cpu", "window_s")}}
+    row = {
+        "workload": workload,
+        **config,
+        "meta_steps_per_s": meta_steps_per_s,
+        "tasks_per_s": meta_steps_per_s * meta_batch,
+        "compile_s": compile_s,
+        "flops_per_meta_step": flops,
+        "gflop_per_s": flops * meta_steps_per_s / 1e9 if flops else None,
+        "peak_bytes": cm.get("peak_bytes"),
+        **{
+            k: cm[k]
+            for k in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes")
+            if k in cm
+        },
+        **{
+            k: t[k]
+            for k in (
+                "calls_per_s_blocks",
+                "calls_per_block",
+                "warmup_call_s",
+                "foreign_cpu",
+                "window_s",
+            )
+        },
+    }
     return row
 
 
 # --- reporting ---------------------------------------------------------------------------------
 
+
 def _label(r: dict) -> str:
     if r["workload"] == "sinusoid":
         return f"sinusoid mb{r['meta_batch']} {r['task_batching']} {r['mode']}"
-    parts = [r["workload"], r.get("arch", ""), f"mb{r['meta_batch']}", r.get("conv_impl", ""),
-             str(r.get("task_batching", "")), r.get("estimator", "")]
+    parts = [
+        r["workload"],
+        r.get("arch", ""),
+        f"mb{r['meta_batch']}",
+        r.get("conv_impl", ""),
+        str(r.get("task_batching", "")),
+        r.get("estimator", ""),
+    ]
     if r["workload"] == "inner_steps":
         parts.append(f"k={r['inner_steps']}")
     return " ".join(p for p in parts if p)
@@ -333,9 +443,12 @@ def _print_progress(r: dict) -> None:
     if "error" in r:
         print(f"  {_label(r)}: ERROR {r['error']}", flush=True)
         return
-    print(f"  {_label(r):55s} {r['meta_steps_per_s']:9.3f} steps/s  compile "
-          f"{r['compile_s']:5.1f} s  peak {_fmt((r['peak_bytes'] or 0) / 2**20, '8.1f')} MiB"
-          f"  foreign cpu {_fmt(r['foreign_cpu'], '.0%')}", flush=True)
+    print(
+        f"  {_label(r):55s} {r['meta_steps_per_s']:9.3f} steps/s  compile "
+        f"{r['compile_s']:5.1f} s  peak {_fmt((r['peak_bytes'] or 0) / 2**20, '8.1f')} MiB"
+        f"  foreign cpu {_fmt(r['foreign_cpu'], '.0%')}",
+        flush=True,
+    )
 
 
 def add_ratios(results: list[dict], peers: list[dict]) -> list[dict]:
@@ -354,42 +467,77 @@ def add_ratios(results: list[dict], peers: list[dict]) -> list[dict]:
         r["peer_meta_steps_per_s"] = best["meta_steps_per_s"]
         r["peer_threads"] = best.get("threads")
         r["ratio_to_peer"] = r["meta_steps_per_s"] / best["meta_steps_per_s"]
-        ratios.append({"ours": _label(r), "peer": best["impl"], "peer_threads": best.get("threads"),
-                       "ratio": r["ratio_to_peer"], "ours_foreign_cpu": r.get("foreign_cpu"),
-                       "peer_foreign_cpu_s": best.get("foreign_cpu_s"),
-                       "peer_window_s": best.get("window_s")})
+        ratios.append(
+            {
+                "ours": _label(r),
+                "peer": best["impl"],
+                "peer_threads": best.get("threads"),
+                "ratio": r["ratio_to_peer"],
+                "ours_foreign_cpu": r.get("foreign_cpu"),
+                "peer_foreign_cpu_s": best.get("foreign_cpu_s"),
+                "peer_window_s": best.get("window_s"),
+            }
+        )
     return ratios
 
 
 def fastest_configs(results: list[dict]) -> list[dict]:
     """Per (architecture, meta-batch): the fastest conv impl x task batching of full MAML."""
     out = []
-    keys = sorted({(r["arch"], r["meta_batch"]) for r in results
-                   if r["workload"] == "conv4" and "error" not in r})
+    keys = sorted(
+        {
+            (r["arch"], r["meta_batch"])
+            for r in results
+            if r["workload"] == "conv4" and "error" not in r
+        }
+    )
     for arch, mb in keys:
-        rows = [r for r in results if r["workload"] == "conv4" and "error" not in r
-                and r["arch"] == arch and r["meta_batch"] == mb and r["estimator"] == "maml"]
+        rows = [
+            r
+            for r in results
+            if r["workload"] == "conv4"
+            and "error" not in r
+            and r["arch"] == arch
+            and r["meta_batch"] == mb
+            and r["estimator"] == "maml"
+        ]
         ranked = sorted(rows, key=lambda r: -r["meta_steps_per_s"])
         slowest = ranked[-1]["meta_steps_per_s"]
-        out.append({"arch": arch, "meta_batch": mb, "backend": jax.default_backend(),
-                    "ranking": [{"conv_impl": r["conv_impl"], "task_batching": r["task_batching"],
-                                 "meta_steps_per_s": r["meta_steps_per_s"],
-                                 "x_slowest": r["meta_steps_per_s"] / slowest} for r in ranked]})
+        out.append(
+            {
+                "arch": arch,
+                "meta_batch": mb,
+                "backend": jax.default_backend(),
+                "ranking": [
+                    {
+                        "conv_impl": r["conv_impl"],
+                        "task_batching": r["task_batching"],
+                        "meta_steps_per_s": r["meta_steps_per_s"],
+                        "x_slowest": r["meta_steps_per_s"] / slowest,
+                    }
+                    for r in ranked
+                ],
+            }
+        )
     return out
 
 
 def print_table(results: list[dict], peers: list[dict]) -> None:
-    header = (f"{'workload':55s} {'steps/s':>9s} {'tasks/s':>8s} {'compile':>8s} {'GFLOP/s':>8s} "
-              f"{'peak MiB':>9s} {'foreign':>8s} {'x peer':>7s}")
+    header = (
+        f"{'workload':55s} {'steps/s':>9s} {'tasks/s':>8s} {'compile':>8s} {'GFLOP/s':>8s} "
+        f"{'peak MiB':>9s} {'foreign':>8s} {'x peer':>7s}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
         if "error" in r:
             print(f"{_label(r):55s} ERROR {r['error'][:60]}")
             continue
-        print(f"{_label(r):55s} {r['meta_steps_per_s']:9.3f} {r['tasks_per_s']:8.1f} "
-              f"{r['compile_s']:7.1f}s {_fmt(r['gflop_per_s'], '8.1f')} "
-              f"{_fmt((r['peak_bytes'] or 0) / 2**20, '9.1f')} {_fmt(r['foreign_cpu'], '8.0%')} "
-              f"{_fmt(r.get('ratio_to_peer'), '7.2f')}")
+        print(
+            f"{_label(r):55s} {r['meta_steps_per_s']:9.3f} {r['tasks_per_s']:8.1f} "
+            f"{r['compile_s']:7.1f}s {_fmt(r['gflop_per_s'], '8.1f')} "
+            f"{_fmt((r['peak_bytes'] or 0) / 2**20, '9.1f')} {_fmt(r['foreign_cpu'], '8.0%')} "
+            f"{_fmt(r.get('ratio_to_peer'), '7.2f')}"
+        )
     if peers:
         print(f"\n{'peer':55s} {'steps/s':>9s} {'correct':>8s} {'rel err':>9s} {'foreign s':>9s}")
         for p in peers:
@@ -398,28 +546,34 @@ def print_table(results: list[dict], peers: list[dict]) -> None:
             if "error" in p:
                 print(f"{name:55s} ERROR {p['error'][:60]}")
                 continue
-            print(f"{name:55s} {p['meta_steps_per_s']:9.3f} {str(p['correct']):>8s} "
-                  f"{_fmt(p.get('rel_l2_err'), '9.1e')} {_fmt(p.get('foreign_cpu_s'), '9.2f')}")
+            print(
+                f"{name:55s} {p['meta_steps_per_s']:9.3f} {str(p['correct']):>8s} "
+                f"{_fmt(p.get('rel_l2_err'), '9.1e')} {_fmt(p.get('foreign_cpu_s'), '9.2f')}"
+            )
 
 
 def plot_inner_steps(rows: list[dict], path: Path) -> bool:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
     for name in SWEEP_ESTIMATORS:
-        pts = sorted((r["inner_steps"], r) for r in rows
-                     if r.get("estimator") == name and "error" not in r)
+        pts = sorted(
+            (r["inner_steps"], r) for r in rows if r.get("estimator") == name and "error" not in r
+        )
         if not pts:
             continue
         steps = [s for s, _ in pts]
         ax_mem.plot(steps, [r["peak_bytes"] / 2**20 for _, r in pts], "o-", label=name)
         ax_time.plot(steps, [1e3 / r["meta_steps_per_s"] for _, r in pts], "o-", label=name)
-    for ax, ylabel in ((ax_mem, "compiled peak memory (MiB)"),
-                       (ax_time, "time per meta-step (ms)")):
+    for ax, ylabel in (
+        (ax_mem, "compiled peak memory (MiB)"),
+        (ax_time, "time per meta-step (ms)"),
+    ):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("inner steps")
@@ -427,8 +581,10 @@ def plot_inner_steps(rows: list[dict], path: Path) -> bool:
         ax.grid(True, which="both", alpha=0.3)
     ax_time.legend()
     r0 = next((r for r in rows if "error" not in r), {})
-    fig.suptitle(f"Conv4 strided, 5-way 1-shot, meta-batch 4, {r0.get('conv_impl')} conv, "
-                 f"task batching {r0.get('task_batching')} ({jax.default_backend()})")
+    fig.suptitle(
+        f"Conv4 strided, 5-way 1-shot, meta-batch 4, {r0.get('conv_impl')} conv, "
+        f"task batching {r0.get('task_batching')} ({jax.default_backend()})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -440,46 +596,72 @@ def environment() -> dict:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+            )
     except OSError:
         pass
-    return {"backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
-            "device_count": jax.device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "python": platform.python_version(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "default_conv_impl": default_conv_impl(),
-            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "backend": jax.default_backend(),
+        "device": getattr(dev, "device_kind", str(dev)),
+        "device_count": jax.device_count(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "default_conv_impl": default_conv_impl(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 # --- main --------------------------------------------------------------------------------------
 
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="a small smoke run")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
-    p.add_argument("--plot", type=Path, default=None,
-                   help="PNG of memory and time against inner steps (default: next to --out)")
-    p.add_argument("--only", default="sinusoid,conv4,inner_steps",
-                   help="comma list of workloads: sinusoid, conv4, inner_steps")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG of memory and time against inner steps (default: next to --out)",
+    )
+    p.add_argument(
+        "--only",
+        default="sinusoid,conv4,inner_steps",
+        help="comma list of workloads: sinusoid, conv4, inner_steps",
+    )
     p.add_argument("--archs", default="strided,maxpool")
     p.add_argument("--meta-batches", default="32,4")
     p.add_argument("--inner-steps", default="1,5,10,20,100")
     p.add_argument("--sweep-task-batching", default="map", choices=TASK_BATCHING)
-    p.add_argument("--full-grid", action="store_true",
-                   help="also run lax convolutions at meta-batch 32 (about a minute a step)")
+    p.add_argument(
+        "--full-grid",
+        action="store_true",
+        help="also run lax convolutions at meta-batch 32 (about a minute a step)",
+    )
     p.add_argument("--target-s", type=float, default=2.0, help="seconds per timed block")
     p.add_argument("--blocks", type=int, default=5, help="timed blocks per configuration")
-    p.add_argument("--max-call-s", type=float, default=10.0,
-                   help="time slower calls once instead of in blocks")
+    p.add_argument(
+        "--max-call-s", type=float, default=10.0, help="time slower calls once instead of in blocks"
+    )
     p.add_argument("--peers", action="store_true", help="also run the PyTorch reference scripts")
-    p.add_argument("--peers-python", default=os.environ.get("PEERS_PYTHON"),
-                   help="python of the peers' virtualenv (default $PEERS_PYTHON)")
+    p.add_argument(
+        "--peers-python",
+        default=os.environ.get("PEERS_PYTHON"),
+        help="python of the peers' virtualenv (default $PEERS_PYTHON)",
+    )
     p.add_argument("--peers-dir", type=Path, default=None)
-    p.add_argument("--peer-threads", default=f"{os.cpu_count() or 1},1",
-                   help="torch thread counts to run the peers with (the fastest counts)")
+    p.add_argument(
+        "--peer-threads",
+        default=f"{os.cpu_count() or 1},1",
+        help="torch thread counts to run the peers with (the fastest counts)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.archs, args.meta_batches, args.inner_steps = "strided", "4", "1,2"
@@ -490,8 +672,11 @@ def main(argv=None) -> dict:
     only = set(args.only.split(","))
 
     env = environment()
-    print(f"metagrad benchmark on {env['backend']} ({env['device']}, {env['cpu_count']} CPUs, "
-          f"jax {env['jax']}); default conv impl {env['default_conv_impl']}", flush=True)
+    print(
+        f"metagrad benchmark on {env['backend']} ({env['device']}, {env['cpu_count']} CPUs, "
+        f"jax {env['jax']}); default conv impl {env['default_conv_impl']}",
+        flush=True,
+    )
     results: list[dict] = []
     if "sinusoid" in only:
         print("sinusoid MAML", flush=True)
@@ -512,22 +697,32 @@ def main(argv=None) -> dict:
     print_table(results, peers)
     fastest = fastest_configs(results)
     for f in fastest:
-        print(f"fastest on {f['backend']}, conv4 {f['arch']} mb{f['meta_batch']}: " + ", ".join(
-            f"{r['conv_impl']}/{r['task_batching']} {r['meta_steps_per_s']:.3f}"
-            for r in f["ranking"]))
+        print(
+            f"fastest on {f['backend']}, conv4 {f['arch']} mb{f['meta_batch']}: "
+            + ", ".join(
+                f"{r['conv_impl']}/{r['task_batching']} {r['meta_steps_per_s']:.3f}"
+                for r in f["ranking"]
+            )
+        )
 
     plot = None
     sweep = [r for r in results if r["workload"] == "inner_steps"]
     if sweep:
-        plot = args.plot or (args.out.with_suffix(".png") if args.out else
-                             Path("benchmark_inner_steps.png"))
+        plot = args.plot or (
+            args.out.with_suffix(".png") if args.out else Path("benchmark_inner_steps.png")
+        )
         plot = str(plot) if plot_inner_steps(sweep, plot) else None
         if plot:
             print(f"\nplot: {plot}")
-    report = {"environment": env, "args": {k: (str(v) if isinstance(v, Path) else v)
-                                           for k, v in vars(args).items()},
-              "results": results, "peers": peers, "ratios": ratios, "fastest": fastest,
-              "plot": plot}
+    report = {
+        "environment": env,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "results": results,
+        "peers": peers,
+        "ratios": ratios,
+        "fastest": fastest,
+        "plot": plot,
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1, default=str))
@@ -538,20 +733,29 @@ def main(argv=None) -> dict:
 def run_peers(args, only: set[str]) -> list[dict]:
     peers_dir = args.peers_dir or bench_peers.default_peers_dir()
     if not args.peers_python or peers_dir is None:
-        print("--peers needs --peers-python (or $PEERS_PYTHON) and the peers' directory "
-              "(--peers-dir or $PEERS_DIR)", file=sys.stderr)
+        print(
+            "--peers needs --peers-python (or $PEERS_PYTHON) and the peers' directory "
+            "(--peers-dir or $PEERS_DIR)",
+            file=sys.stderr,
+        )
         return []
     threads = [int(t) for t in args.peer_threads.split(",") if t]
     peers = []
     print(f"PyTorch peers ({peers_dir}, torch threads {threads})", flush=True)
     if "sinusoid" in only:
-        peers += bench_peers.run_sinusoid(args.peers_python, peers_dir, quick=args.quick,
-                                          threads=threads)
+        peers += bench_peers.run_sinusoid(
+            args.peers_python, peers_dir, quick=args.quick, threads=threads
+        )
     if "conv4" in only:
         for arch in args.archs:
-            peers += bench_peers.run_conv4(args.peers_python, peers_dir, arch=arch,
-                                           meta_batches=args.meta_batches, quick=args.quick,
-                                           threads=threads)
+            peers += bench_peers.run_conv4(
+                args.peers_python,
+                peers_dir,
+                arch=arch,
+                meta_batches=args.meta_batches,
+                quick=args.quick,
+                threads=threads,
+            )
     return peers
 
 

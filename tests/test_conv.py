@@ -109,6 +109,7 @@ def test_second_order_maml_meta_gradients_equal_lax(key, impl, downsample):
     """A 7x7 input gives stride-2 convolutions at 7, 4, 2, 1 pixels (strided) or stride-1 ones at
     7, 4, 2, 1 (max-pool); 17 hidden channels put the first layer in the channel-major patch
     layout and the others in the row layout."""
+
     def meta_value_and_grad(name, tasks):
         meta_params, loss_fn = _tiny_conv4(name, downsample, SMALL_C + 1)
         task_loss = lambda p, t: mg.meta_loss(loss_fn, p, t.support, t.query, steps=1, lr=0.4)
@@ -141,5 +142,6 @@ def test_auto_is_the_backend_default():
     assert default_conv_impl("gpu") == default_conv_impl("tpu") == "lax"
     x = jnp.arange(2 * 5 * 5 * 1, dtype=jnp.float64).reshape(2, 5, 5, 1)
     k = jnp.linspace(-1, 1, 3 * 3 * 1 * 2).reshape(3, 3, 1, 2)
-    np.testing.assert_array_equal(conv2d(x, k, stride=2),
-                                  conv2d(x, k, stride=2, impl=default_conv_impl()))
+    np.testing.assert_array_equal(
+        conv2d(x, k, stride=2), conv2d(x, k, stride=2, impl=default_conv_impl())
+    )
