@@ -188,5 +188,6 @@ def resolve_task_batching(cfg) -> str | int:
     """``train.task_batching``; ``auto`` is :func:`metagrad.outer.default_task_batching`."""
     tb = str(cfg.train.task_batching)
     if tb == "auto":
-        return default_task_batching(jax.default_backend())
+        convolutional = cfg.model.name in ("conv4", "conv4_quant")
+        return default_task_batching(jax.default_backend(), convolutional=convolutional)
     return int(tb) if tb.isdigit() else tb

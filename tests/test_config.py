@@ -102,3 +102,11 @@ def test_bad_values_name_their_key(override, key):
 def test_model_must_fit_the_task():
     with pytest.raises(ConfigError, match="model.name"):
         validate(_compose(["task=omniglot", "model=mlp"]))
+
+
+def test_auto_task_batching_follows_the_model_on_cpu():
+    from metagrad.build import resolve_task_batching
+
+    assert resolve_task_batching(_compose(["task=omniglot"])) == "map"  # Conv4
+    assert resolve_task_batching(_compose([])) == "vmap"  # the sinusoid MLP
+    assert resolve_task_batching(_compose(["task=omniglot", "train.task_batching=3"])) == 3

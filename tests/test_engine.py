@@ -317,3 +317,12 @@ def test_remat_and_imaml_memory():
     imaml2 = _temp_bytes(make_estimator("imaml", steps=2, lr=0.1), 2)
     imaml10 = _temp_bytes(make_estimator("imaml", steps=10, lr=0.1), 10)
     assert imaml10 <= imaml2
+
+
+def test_default_task_batching_is_map_only_for_convolutions_on_cpu():
+    from metagrad.outer import default_task_batching
+
+    assert default_task_batching("cpu", convolutional=True) == "map"
+    assert default_task_batching("cpu", convolutional=False) == "vmap"
+    assert default_task_batching("gpu", convolutional=True) == "vmap"
+    assert default_task_batching("tpu", convolutional=True) == "vmap"
