@@ -43,8 +43,11 @@ def default_peers_dir() -> Path | None:
     return None
 
 
-def _run(python: str, script: Path, args: list[str], timeout: float) -> list[dict]:
-    cmd = [python, str(script), *args]
+def _run(
+    python: str, script: Path, args: list[str], timeout: float, prefix: tuple[str, ...] = ()
+) -> list[dict]:
+    """The JSON lines of ``python [*prefix] script args`` (``prefix``: e.g. a device launcher)."""
+    cmd = [python, *prefix, str(script), *args]
     print("  $", " ".join(cmd[1:]), flush=True)
     try:
         proc = subprocess.run(
@@ -82,13 +85,22 @@ def _correct(check_rows: list[dict], impls: list[str]) -> dict[str, dict]:
     return out
 
 
-def run_sinusoid(python: str, peers_dir: Path, *, quick: bool, threads: list[int]) -> list[dict]:
+def run_sinusoid(
+    python: str,
+    peers_dir: Path,
+    *,
+    quick: bool,
+    threads: list[int],
+    impls: list[str] | None = None,
+    prefix: tuple[str, ...] = (),
+) -> list[dict]:
     """One row per implementation and torch thread count: ``meta_steps_per_s`` (median of timing
-    blocks) and ``correct``."""
+    blocks) and ``correct``. ``impls`` defaults to all (the first three when ``quick``)."""
     script = peers_dir / "bench_sinusoid.py"
-    impls = SINUSOID_IMPLS[:3] if quick else SINUSOID_IMPLS
+    impls = impls or (SINUSOID_IMPLS[:3] if quick else SINUSOID_IMPLS)
     order = [REFERENCE] + [i for i in impls if i != REFERENCE]
-    checks = _correct(_run(python, script, ["--check", "--impls", ",".join(order)], 600), impls)
+    check = _run(python, script, ["--check", "--impls", ",".join(order)], 600, prefix)
+    checks = _correct(check, impls)
     warmup, timing = (10, 50) if quick else (20, 200)
     rows = []
     for n in threads:
@@ -110,6 +122,7 @@ def run_sinusoid(python: str, peers_dir: Path, *, quick: bool, threads: list[int
                 str(n),
             ],
             1800,
+            prefix,
         )
     out = []
     for row in rows:
@@ -140,14 +153,17 @@ def run_conv4(
     meta_batches: list[int],
     quick: bool,
     threads: list[int],
+    impls: list[str] | None = None,
+    prefix: tuple[str, ...] = (),
 ) -> list[dict]:
-    """One row per (implementation, meta-batch, torch threads) for ``arch`` (strided, maxpool)."""
+    """One row per (implementation, meta-batch, torch threads) for ``arch`` (strided, maxpool).
+    ``impls`` defaults to all (the first two when ``quick``)."""
     script = peers_dir / "bench_omniglot_conv4.py"
-    impls = CONV4_IMPLS[:2] if quick else CONV4_IMPLS
+    impls = impls or (CONV4_IMPLS[:2] if quick else CONV4_IMPLS)
     order = [REFERENCE] + [i for i in impls if i != REFERENCE]
-    checks = _correct(
-        _run(python, script, ["--check", "--arch", arch, "--impls", ",".join(order)], 600), impls
-    )
+    check_args = ["--check", "--arch", arch, "--impls", ",".join(order)]
+    check = _run(python, script, check_args, 600, prefix)
+    checks = _correct(check, impls)
     warmup, timing = (1, 3) if quick else (2, 6)
     rows = []
     for n in threads:
@@ -169,6 +185,7 @@ def run_conv4(
                 str(n),
             ],
             3600,
+            prefix,
         )
     out = []
     for row in rows:

@@ -416,6 +416,9 @@ def _row(workload, config, meta_steps_per_s, meta_batch, compile_s, flops, cm, t
 
 
 def _label(r: dict) -> str:
+    if r["workload"] == "devices":
+        mb, tb = r.get("meta_batch"), r.get("task_batching")
+        return f"devices={r['devices']} {r['model']} mb{mb} {tb}"
     if r["workload"] == "sinusoid":
         return f"sinusoid mb{r['meta_batch']} {r['task_batching']} {r['mode']}"
     parts = [
@@ -641,6 +644,13 @@ def main(argv=None) -> dict:
     p.add_argument("--inner-steps", default="1,5,10,20,100")
     p.add_argument("--sweep-task-batching", default="map", choices=TASK_BATCHING)
     p.add_argument(
+        "--devices",
+        default="",
+        help="comma list of device counts (e.g. 1,2,4): rows with the task axis sharded over "
+        "that many (forced host) devices, each in a subprocess (bench_devices.py)",
+    )
+    p.add_argument("--devices-workloads", default="sinusoid", help="sinusoid and/or conv4")
+    p.add_argument(
         "--full-grid",
         action="store_true",
         help="also run lax convolutions at meta-batch 32 (about a minute a step)",
@@ -670,6 +680,8 @@ def main(argv=None) -> dict:
     args.meta_batches = [int(m) for m in args.meta_batches.split(",") if m]
     args.inner_steps = [int(s) for s in args.inner_steps.split(",") if s]
     only = set(args.only.split(","))
+    args.devices = [int(n) for n in args.devices.split(",") if n]
+    args.devices_workloads = [w for w in args.devices_workloads.split(",") if w]
 
     env = environment()
     print(
@@ -689,6 +701,11 @@ def main(argv=None) -> dict:
     if "inner_steps" in only:
         print("Conv4 inner-step sweep", flush=True)
         results += bench_inner_steps(args, args.sweep_task_batching)
+    if args.devices:
+        import bench_devices  # a sibling helper, needed only here
+
+        print(f"device counts {args.devices} (forced host devices on CPU)", flush=True)
+        results += bench_devices.run(args)
 
     peers: list[dict] = []
     if args.peers:

@@ -47,6 +47,7 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    from metagrad.distributed import is_primary
     from metagrad.train import NonFiniteLoss, train  # after validation: bad input is fast
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -66,10 +67,11 @@ def main(cfg: DictConfig) -> float:
     summary = "  ".join(f"{k}={results[k]:.4f}" for k in keys)
     ci = results.get("eval_acc_post_ci95", results["eval_loss_post_ci95"])
     speed = results["steps_per_sec"]
-    print(
-        f"{summary}  (+-{ci:.4f}, {cfg.eval.tasks} test tasks, {results['eval_inner_steps']} "
-        f"inner steps)  {speed or 0:.0f} meta-steps/s  -> {run_dir}"
-    )
+    if is_primary():  # a multi-host run prints once
+        print(
+            f"{summary}  (+-{ci:.4f}, {cfg.eval.tasks} test tasks, {results['eval_inner_steps']} "
+            f"inner steps)  {speed or 0:.0f} meta-steps/s  -> {run_dir}"
+        )
     return results["val_objective"]  # what sweepers minimise: validation, never test
 
 

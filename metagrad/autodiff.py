@@ -112,7 +112,23 @@ def gnvp(predict_fn: Callable, loss_fn: Callable, x: PyTree, v: PyTree) -> PyTre
 
 
 class Estimate(NamedTuple):
-    """A Monte Carlo estimate: its mean and the standard error of that mean (pytrees alike)."""
+    r"""A Monte Carlo estimate: its mean and the standard error of that mean (pytrees alike).
+
+    For samples :math:`s_1, \dots, s_n`: :math:`\bar s = \frac1n \sum_i s_i` and
+    :math:`\mathrm{se} = \mathrm{sd}(s) / \sqrt{n}` (``sd`` with :math:`n - 1`), so
+    :math:`\bar s \pm 1.96\,\mathrm{se}` is an approximate 95% confidence interval.
+
+    Example:
+        The trace of :math:`H = [[2, 1], [1, 2]]` is 4; a Rademacher probe gives
+        :math:`v^\top H v \in \{2, 6\}`, so eight of them leave a visible standard error:
+
+        >>> f = lambda x: x @ jnp.array([[2.0, 1.0], [1.0, 2.0]]) @ x / 2
+        >>> est = hutchinson_trace(f, jnp.zeros(2), jax.random.key(0), num_samples=8)
+        >>> bool(est.stderr > 0)
+        True
+        >>> bool(abs(est.mean - 4.0) <= 1.96 * est.stderr)  # the 95% interval holds tr H
+        True
+    """
 
     mean: PyTree
     stderr: PyTree

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -56,10 +57,11 @@ def build_task_source(cfg) -> TaskSource:
     if t.name == "sinusoid":
 
         def sample_train(data, key, batch_size):
-            return sinusoid.sample_batch(key, batch_size, shots=t.shots, query=t.query)
+            return sinusoid.sample_batch_flat(key, batch_size, shots=t.shots, query=t.query)
 
+        @partial(jax.jit, static_argnums=(0, 1, 2, 3))  # one compilation, not one per op
         def heldout(split, num_tasks, shots, query):
-            return sinusoid.sample_batch(
+            return sinusoid.sample_batch_flat(
                 sinusoid.heldout_key(split), num_tasks, shots=shots, query=query
             )
 
@@ -101,10 +103,9 @@ def build_model(cfg, key: jax.Array) -> Model:
     rngs = nnx.Rngs(params=key)
     quant = dict(weight_bits=m.weight_bits, act_bits=m.act_bits, quantizer=m.quantizer)
     if m.name in ("mlp", "mlp_quant"):
-        if m.name == "mlp":
-            module = mnn.MLP(1, tuple(m.hidden), 1, rngs=rngs)
-        else:
-            module = mnn.QuantMLP(1, tuple(m.hidden), 1, rngs=rngs, **quant)
+        cls = mnn.MLP if m.name == "mlp" else partial(mnn.QuantMLP, **quant)
+        # Under one jit: eager initialisers compile every primitive on its own (seconds on CPU).
+        module = nnx.jit(lambda k: cls(1, tuple(m.hidden), 1, rngs=nnx.Rngs(params=k)))(key)
         params, apply = mnn.functional(module)
         return Model(params, apply, mnn.mse_loss(apply), None, False)
     conv_kw = dict(
@@ -157,11 +158,30 @@ def build_estimator(cfg, model: Model, *, steps: int | None = None) -> MetaGradE
     if a.name == "reptile":
         return reptile(**kw)
     if a.name == "imaml":
-        return imaml(**kw, reg=a.reg, cg_iters=a.cg_iters, cg_tol=a.cg_tol, damping=a.damping)
+        gn = {}
+        if a.curvature == "gauss_newton":  # the loss split as output_loss(apply(params, x), y)
+            gn = dict(predict_fn=model.apply, output_loss=_output_loss(cfg))
+        return imaml(
+            **kw,
+            reg=a.reg,
+            cg_iters=a.cg_iters,
+            cg_tol=a.cg_tol,
+            damping=a.damping,
+            curvature=a.curvature,
+            **gn,
+        )
     kw.update(per_step=a.per_step_lr, step_arg=model.step_arg)
     if a.name == "mamlpp":
         return mamlpp(**kw, anneal_steps=a.msl_anneal_steps, first_order_until=a.first_order_until)
     return maml(**kw, first_order=a.first_order or a.name == "fomaml")
+
+
+def _output_loss(cfg) -> Callable:
+    """The model's loss as a function of its outputs and targets (what `mnn.mse_loss` and
+    `mnn.cross_entropy_loss` apply), for iMAML's Gauss-Newton curvature."""
+    if cfg.task.name == "sinusoid":
+        return lambda z, y: jnp.mean((z - y) ** 2)
+    return lambda z, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, y))
 
 
 def build_optimizer(cfg) -> optax.GradientTransformation:
@@ -171,6 +191,8 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
         lr = optax.cosine_decay_schedule(
             o.lr, decay_steps=max(cfg.train.steps, 1), alpha=o.min_lr_ratio
         )
+    elif o.schedule == "linear":  # Reptile's annealed outer step size
+        lr = optax.linear_schedule(o.lr, o.lr * o.min_lr_ratio, max(cfg.train.steps, 1))
     opt = optax.adam(lr) if o.optimizer == "adam" else optax.sgd(lr)
     if o.clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)

@@ -7,6 +7,7 @@ can build a `Config` directly and call `metagrad.train.train`.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,7 @@ class AlgoConfig:
     cg_iters: int = 5
     cg_tol: float = 1e-10
     damping: float = 0.0
+    curvature: str = "hessian"  # iMAML's CG matrix: hessian | gauss_newton (PSD)
 
 
 @dataclass
@@ -68,8 +70,8 @@ class OuterLoopConfig:
     lr: float = 1e-3
     optimizer: str = "adam"  # adam | sgd
     clip_norm: float | None = None  # global-norm clipping of the meta-gradient
-    schedule: str = "constant"  # constant | cosine
-    min_lr_ratio: float = 0.0  # cosine: final lr / initial lr
+    schedule: str = "constant"  # constant | cosine | linear
+    min_lr_ratio: float = 0.0  # cosine, linear: final lr / initial lr
 
 
 @dataclass
@@ -83,6 +85,7 @@ class TrainLoopConfig:
     task_batching: str = "auto"  # auto | vmap | map | <int chunk of vmapped tasks>
     devices: str = "1"  # "1" or "all": shard the task axis across local devices
     progress: bool = True
+    tensorboard: bool = False  # also write TensorBoard event files (the tensorboard extra)
 
 
 @dataclass
@@ -99,6 +102,18 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-host training (`metagrad.distributed`): ``jax.distributed.initialize``'s arguments;
+    null lets JAX detect them from the cluster (SLURM, Open MPI)."""
+
+    enabled: bool = False
+    coordinator_address: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: list[int] | None = None  # this process's devices, e.g. [0] for one GPU
+
+
+@dataclass
 class Config:
     seed: int = 0
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -108,6 +123,7 @@ class Config:
     outer: OuterLoopConfig = field(default_factory=OuterLoopConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 class ConfigError(ValueError):
@@ -144,7 +160,11 @@ def validate(cfg: Any) -> None:
     need("inner.lr", lambda v: v >= 0, "must be >= 0")
     need("outer.lr", positive, "must be positive")
     need("outer.optimizer", lambda v: v in ("adam", "sgd"), "must be 'adam' or 'sgd'")
-    need("outer.schedule", lambda v: v in ("constant", "cosine"), "must be 'constant' or 'cosine'")
+    need(
+        "outer.schedule",
+        lambda v: v in ("constant", "cosine", "linear"),
+        "must be constant, cosine or linear",
+    )
     need("outer.clip_norm", lambda v: v is None or v > 0, "must be positive or null")
     need("train.steps", lambda v: v >= 0, "must be >= 0")
     need("train.meta_batch_size", positive, "must be a positive integer")
@@ -166,6 +186,12 @@ def validate(cfg: Any) -> None:
         "train.devices",
         lambda v: str(v) == "all" or (str(v).isdigit() and int(v) >= 1),
         "must be a positive integer or 'all'",
+    )
+    _validate_distributed(cfg, need)
+    need(
+        "train.tensorboard",
+        lambda v: not v or importlib.util.find_spec("tensorboardX") is not None,
+        "needs the tensorboardX package: pip install 'metagrad[tensorboard]'",
     )
     need("eval.tasks", positive, "must be a positive integer")
     need("eval.val_tasks", positive, "must be a positive integer")
@@ -192,6 +218,11 @@ def validate(cfg: Any) -> None:
         "must be uniform, ternary or lsq",
     )
     need("algo.reg", positive, "must be positive")
+    need(
+        "algo.curvature",
+        lambda v: v in ("hessian", "gauss_newton"),
+        "must be hessian or gauss_newton",
+    )
     algo, task, model = _get(cfg, "algo.name"), _get(cfg, "task.name"), _get(cfg, "model.name")
     if algo in ("reptile", "mamlpp", "imaml") and _get(cfg, "inner.steps") < 1:
         raise ConfigError(
@@ -202,3 +233,26 @@ def validate(cfg: Any) -> None:
             f"model.name={model!r}: task {task} needs "
             f"{'an mlp' if task == 'sinusoid' else 'a conv4'} model"
         )
+
+
+def _validate_distributed(cfg: Any, need) -> None:
+    if not _get(cfg, "distributed.enabled"):
+        return
+    need("train.devices", lambda v: str(v) == "all", "distributed.enabled=true needs 'all'")
+    need(
+        "distributed.coordinator_address",
+        lambda v: v is None or (":" in v and v.rsplit(":", 1)[1].isdigit()),
+        "must be 'host:port' or null",
+    )
+    need("distributed.num_processes", lambda v: v is None or v >= 1, "must be >= 1 or null")
+    n = _get(cfg, "distributed.num_processes")
+    need(
+        "distributed.process_id",
+        lambda v: v is None or (v >= 0 and (n is None or v < n)),
+        f"must be in 0..distributed.num_processes-1 ({n}) or null",
+    )
+    need(
+        "distributed.local_device_ids",
+        lambda v: v is None or (len(v) > 0 and all(i >= 0 for i in v)),
+        "must be a non-empty list of device ids >= 0 or null",
+    )

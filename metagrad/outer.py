@@ -18,6 +18,7 @@ import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from metagrad.autodiff import gnvp
 from metagrad.inner import LossFn, PyTree, _validate_steps, adapt
 from metagrad.tasks.base import Task
 
@@ -60,7 +61,7 @@ def meta_loss(
 
 
 class MetaGradEstimator(NamedTuple):
-    """A meta-gradient estimator for one task.
+    r"""A meta-gradient estimator for one task.
 
     Attributes:
         name: e.g. ``"maml"``.
@@ -68,6 +69,24 @@ class MetaGradEstimator(NamedTuple):
             whose gradient is estimated (what `check_meta_grad` differentiates numerically).
         value_and_grad: ``(loss_fn, meta_params, task, step) -> ((loss, metrics), grads)``, with
             ``grads`` shaped like ``meta_params``.
+
+    Example:
+        A custom estimator (no adaptation, :math:`g = \nabla_\theta L(\theta; Q)`), checked
+        against finite differences like the built-in ones:
+
+        >>> def objective(loss_fn, meta_params, task, step):
+        ...     return loss_fn(meta_params["params"], task.query), {}
+        >>> def value_and_grad(loss_fn, meta_params, task, step):
+        ...     vg = jax.value_and_grad(objective, argnums=1, has_aux=True)
+        ...     return vg(loss_fn, meta_params, task, step)
+        >>> joint = MetaGradEstimator("joint", objective, value_and_grad)
+        >>> loss_fn = lambda p, b: jnp.mean((p * b[0] - b[1]) ** 2)
+        >>> task = Task((jnp.ones(3), 2 * jnp.ones(3)), (jnp.ones(3), 2 * jnp.ones(3)))
+        >>> (loss, _), g = joint.value_and_grad(loss_fn, {"params": 0.0}, task, 0)
+        >>> float(loss), float(g["params"])  # (0 - 2)^2 and 2 (0 - 2)
+        (4.0, -4.0)
+        >>> check_meta_grad(joint, loss_fn, {"params": jnp.array(0.5)}, task) < 1e-8
+        True
     """
 
     name: str
@@ -182,7 +201,22 @@ def maml(
 
 
 def fomaml(**kwargs) -> MetaGradEstimator:
-    """First-order MAML: :func:`maml` with ``first_order=True``."""
+    r"""First-order MAML: :func:`maml` with ``first_order=True``.
+
+    .. math:: g = \nabla_\phi L(\phi; Q) \big|_{\phi = \phi(\theta)}
+
+    Example:
+        One step on :math:`L(p) = (p - 2)^2` from :math:`p = 0` with :math:`\alpha = 0.1`
+        reaches :math:`\phi = 0.4`; the gradient there is :math:`2 (0.4 - 2) = -3.2`, where
+        :func:`maml` gives :math:`(1 - \alpha H)(-3.2) = 0.8 \cdot (-3.2) = -2.56`.
+
+        >>> loss_fn = lambda p, b: jnp.mean((p * b[0] - b[1]) ** 2)
+        >>> task = Task((jnp.ones(3), 2 * jnp.ones(3)), (jnp.ones(3), 2 * jnp.ones(3)))
+        >>> est = fomaml(steps=1, lr=0.1)
+        >>> (loss, _), g = est.value_and_grad(loss_fn, {"params": 0.0}, task, 0)
+        >>> round(float(g["params"]), 4)
+        -3.2
+    """
     return maml(first_order=True, **kwargs)
 
 
@@ -223,6 +257,19 @@ def mamlpp(
     while :math:`t <` ``first_order_until``, second-order after. Per-layer, per-step learned
     rates come from ``meta_params["lr"]`` with ``per_step=True``; per-step batch norm from a
     model that takes the step index (``step_arg=True``).
+
+    Example:
+        Two steps on :math:`L(p) = (p - 2)^2` from :math:`p = 1` (:math:`\alpha = 0.1`) give
+        :math:`\phi_1 = 1.2, \phi_2 = 1.36`; at meta-step 0 the weights are uniform, so the loss
+        is :math:`(0.64 + 0.4096) / 2` and its gradient
+        :math:`0.8 (1.2 - 2) + 0.64 (1.36 - 2) = -1.0496`.
+
+        >>> loss_fn = lambda p, b: jnp.mean((p * b[0] - b[1]) ** 2)
+        >>> task = Task((jnp.ones(3), 2 * jnp.ones(3)), (jnp.ones(3), 2 * jnp.ones(3)))
+        >>> est = mamlpp(steps=2, lr=0.1)
+        >>> (loss, _), g = est.value_and_grad(loss_fn, {"params": 1.0}, task, 0)
+        >>> round(float(loss), 4), round(float(g["params"]), 4)
+        (0.5248, -1.0496)
     """
     inner = InnerConfig(steps=steps, lr=lr, **inner_kwargs)
     if steps < 1:
@@ -261,6 +308,17 @@ def reptile(
     division by :math:`k\alpha` (``steps * lr``; ``steps`` alone with an optax inner optimizer)
     puts the direction on a gradient's scale, so an optax outer optimizer applies it like one.
     The reported loss is the query loss after adaptation.
+
+    Example:
+        One step on :math:`L(p) = (p - 2)^2` from :math:`\theta = 0` with :math:`\alpha = 0.1`
+        reaches :math:`\phi = 0.4`, so the direction is :math:`(0 - 0.4) / 0.1 = -4`:
+
+        >>> loss_fn = lambda p, b: jnp.mean((p * b[0] - b[1]) ** 2)
+        >>> task = Task((jnp.ones(3), 2 * jnp.ones(3)), (jnp.ones(3), 2 * jnp.ones(3)))
+        >>> est = reptile(steps=1, lr=0.1)
+        >>> (loss, _), g = est.value_and_grad(loss_fn, {"params": 0.0}, task, 0)
+        >>> round(float(g["params"]), 4)
+        -4.0
     """
     inner = InnerConfig(steps=steps, lr=lr, **inner_kwargs)
     if steps < 1:
@@ -294,6 +352,9 @@ def imaml(
     cg_iters: int = 10,
     cg_tol: float = 1e-6,
     damping: float = 0.0,
+    curvature: str = "hessian",
+    predict_fn: Callable | None = None,
+    output_loss: Callable | None = None,
     metrics_fn: MetricsFn | None = None,
     **inner_kwargs,
 ) -> MetaGradEstimator:
@@ -306,12 +367,44 @@ def imaml(
     ``damping``. :math:`\phi^*` is approximated by ``steps`` inner steps from :math:`\theta` with
     no gradient tape; the linear system is solved by conjugate gradient on Hessian-vector
     products (``cg_iters``, ``cg_tol``), so memory does not grow with ``steps``.
+
+    The estimate is exact only when :math:`\phi` solves the proximal problem and CG solves the
+    system; the metrics ``inner_residual`` (:math:`\|\nabla P(\phi)\| / \|\nabla P(\theta)\|` for
+    the proximal objective :math:`P`) and ``cg_residual`` (:math:`\|Ag - b\| / \|b\|`) say how far
+    from that a run is. CG needs :math:`I + (H + \delta I)/\lambda` positive definite: a ReLU
+    MLP's Hessian away from a minimiser has eigenvalues far below :math:`-\lambda` (sinusoid MLP at
+    init: -9 to -33), and then CG's output is not the implicit gradient (``cg_residual`` near 1).
+
+    ``curvature="gauss_newton"`` puts the Gauss-Newton matrix :math:`G = J^\top H_\ell J` (see
+    :func:`metagrad.gnvp`) in place of :math:`H`: positive semi-definite for a convex output loss,
+    so the system is symmetric positive definite and CG well posed; :math:`G = H` at an
+    interpolating minimiser and for linear models. It needs the loss split as
+    ``loss_fn(p, (x, y)) == output_loss(predict_fn(p, x), y)``.
+
+    Example:
+        For :math:`L(p) = (p - 2)^2` on support and query (:math:`H = 2`), :math:`\lambda = 1`
+        and :math:`\theta = 0`: :math:`\phi^* = 4/3` and
+        :math:`g = (1 + 2)^{-1} \cdot 2 (4/3 - 2) = -4/9` (20 inner steps converge here):
+
+        >>> loss_fn = lambda p, b: jnp.mean((p * b[0] - b[1]) ** 2)
+        >>> task = Task((jnp.ones(3), 2 * jnp.ones(3)), (jnp.ones(3), 2 * jnp.ones(3)))
+        >>> est = imaml(steps=20, lr=0.2, reg=1.0)
+        >>> (loss, _), g = est.value_and_grad(loss_fn, {"params": 0.0}, task, 0)
+        >>> round(float(g["params"]), 4)
+        -0.4444
     """
     inner = InnerConfig(steps=steps, lr=lr, **inner_kwargs)
     if not reg > 0:
         raise ValueError(f"imaml: reg (lambda) must be positive, got {reg!r}")
     if inner.mask is not None or inner.step_arg or inner.per_step:
         raise ValueError("imaml supports plain inner loops only (no mask, step_arg or per_step)")
+    if curvature not in ("hessian", "gauss_newton"):
+        raise ValueError(f"imaml: curvature must be 'hessian' or 'gauss_newton', got {curvature!r}")
+    if curvature == "gauss_newton" and (predict_fn is None or output_loss is None):
+        raise ValueError(
+            "imaml: curvature='gauss_newton' needs predict_fn(params, x) and output_loss(z, y) "
+            "with loss_fn(params, (x, y)) == output_loss(predict_fn(params, x), y)"
+        )
 
     def solve_inner(loss_fn, theta, support):
         theta = lax.stop_gradient(theta)
@@ -333,14 +426,31 @@ def imaml(
         support_loss = lambda p: loss_fn(p, task.support)
 
         def matvec(v):
-            hv = jax.jvp(jax.grad(support_loss), (adapted,), (v,))[1]
+            if curvature == "gauss_newton":
+                x, y = task.support
+                hv = gnvp(lambda p: predict_fn(p, x), lambda z: output_loss(z, y), adapted, v)
+            else:
+                hv = jax.jvp(jax.grad(support_loss), (adapted,), (v,))[1]
             return jax.tree.map(lambda vi, hvi: vi + (hvi + damping * vi) / reg, v, hv)
 
         g, _ = jax.scipy.sparse.linalg.cg(matvec, g_query, tol=cg_tol, maxiter=cg_iters)
         metrics = _metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn, loss)
+        # Diagnostics (the estimator is exact only when both are ~0): CG's relative residual,
+        # and the inner residual ||grad P(phi)|| / ||grad P(theta)|| of the proximal objective P.
+        residual = jax.tree.map(jnp.subtract, matvec(g), g_query)
+        metrics["cg_residual"] = _rel_norm(residual, g_query)
+        theta = lax.stop_gradient(meta_params["params"])
+        prox_grad = jax.grad(lambda p: support_loss(p) + 0.5 * reg * _sq_dist(p, theta))(adapted)
+        metrics["inner_residual"] = _rel_norm(prox_grad, jax.grad(support_loss)(theta))
         return (loss, metrics), {"params": g}
 
     return MetaGradEstimator("imaml", objective, value_and_grad)
+
+
+def _rel_norm(a: PyTree, b: PyTree) -> jax.Array:
+    """``||a|| / ||b||`` (0 when both are 0), for residual diagnostics."""
+    na, nb = optax.tree.norm(a), optax.tree.norm(b)
+    return jnp.where(nb > 0, na / jnp.where(nb > 0, nb, 1.0), jnp.where(na > 0, jnp.inf, 0.0))
 
 
 def _sq_dist(a: PyTree, b: PyTree) -> jax.Array:
@@ -421,6 +531,21 @@ def batch_value_and_grad(
             time, least memory; on CPU XLA a convolution with per-task weights under vmap becomes
             a slow grouped convolution), or an int ``k``: ``lax.map`` over chunks of ``k``
             vmapped tasks.
+
+    Example:
+        Two tasks with slopes 1 and 3, MAML from :math:`p = 0`: each task's gradient is
+        :math:`-1.28 a` (see :func:`maml`), so the mean is :math:`-2.56`; every batching
+        gives the same numbers:
+
+        >>> loss_fn = lambda p, b: jnp.mean((p * b[0] - b[1]) ** 2)
+        >>> x, y = jnp.ones((2, 3)), jnp.array([[1.0], [3.0]]) * jnp.ones((2, 3))
+        >>> for how in ("vmap", "map"):
+        ...     (loss, _), g = batch_value_and_grad(
+        ...         maml(steps=1, lr=0.1), loss_fn, {"params": 0.0}, Task((x, y), (x, y)), 0,
+        ...         task_batching=how)
+        ...     print(how, round(float(loss), 4), round(float(g["params"]), 4))
+        vmap 3.2 -2.56
+        map 3.2 -2.56
     """
     fn = lambda task: estimator.value_and_grad(loss_fn, meta_params, task, step)
     if task_batching == "vmap":
@@ -442,7 +567,15 @@ def batch_value_and_grad(
 
 
 class MetaState(NamedTuple):
-    """The outer loop's state: meta-parameters, the outer optimizer's state, the step count."""
+    """The outer loop's state: meta-parameters, the outer optimizer's state, the step count.
+
+    Example:
+        >>> loss_fn = lambda p, b: jnp.mean((p * b[0] - b[1]) ** 2)
+        >>> learner = meta_learner(loss_fn, maml(steps=1, lr=0.1), optax.adam(1e-3))
+        >>> state = learner.init({"params": jnp.zeros(3)})
+        >>> int(state.step), state.meta_params["params"].shape
+        (0, (3,))
+    """
 
     meta_params: PyTree
     opt_state: optax.OptState
@@ -450,19 +583,89 @@ class MetaState(NamedTuple):
 
 
 class MetaLearner(NamedTuple):
-    """``init(meta_params) -> MetaState`` and ``update(state, tasks) -> (state, metrics)``."""
+    r"""``init(meta_params) -> MetaState`` and ``update(state, tasks) -> (state, metrics)``.
+
+    Example:
+        MAML's meta-gradient for :math:`L(p) = (p - 2)^2` is :math:`1.28 (p - 2)` (see
+        :func:`maml`); one SGD step of rate 0.5 from 0 gives :math:`0.64 \cdot 2 = 1.28`, and
+        twenty reach the minimum, 2:
+
+        >>> loss_fn = lambda p, b: jnp.mean((p * b[0] - b[1]) ** 2)
+        >>> learner = meta_learner(loss_fn, maml(steps=1, lr=0.1), optax.sgd(0.5))
+        >>> x = jnp.ones((4, 3))  # 4 tasks of 3 points, all with slope 2
+        >>> state = learner.init({"params": jnp.array(0.0)})
+        >>> state, _ = learner.update(state, Task((x, 2 * x), (x, 2 * x)))
+        >>> round(float(state.meta_params["params"]), 4)
+        1.28
+        >>> for _ in range(19):
+        ...     state, metrics = learner.update(state, Task((x, 2 * x), (x, 2 * x)))
+        >>> int(state.step), round(float(state.meta_params["params"]), 4)
+        (20, 2.0)
+    """
 
     init: Callable
     update: Callable
 
 
 def task_mesh(devices: int | str = "all") -> jax.sharding.Mesh:
-    """A one-axis mesh (``"tasks"``) over the first ``devices`` local devices (or all)."""
-    local = jax.local_devices()
-    n = len(local) if str(devices) == "all" else int(devices)
-    if not 1 <= n <= len(local):
-        raise ValueError(f"devices={devices!r}: there are {len(local)} local devices")
-    return jax.sharding.Mesh(np.array(local[:n]), ("tasks",))
+    """A one-axis mesh (``"tasks"``) over the first ``devices`` devices (or all).
+
+    The devices are ``jax.devices()``: the local ones in a single process, every process's in a
+    multi-host run (see :mod:`metagrad.distributed`), where ``"all"`` is the one choice that gives
+    each process a share.
+    """
+    devs = jax.devices()
+    n = len(devs) if str(devices) == "all" else int(devices)
+    if not 1 <= n <= len(devs):
+        raise ValueError(f"devices={devices!r}: there are {len(devs)} devices")
+    return jax.sharding.Mesh(np.array(devs[:n]), ("tasks",))
+
+
+def sharded_batch_value_and_grad(
+    estimator: MetaGradEstimator,
+    loss_fn: LossFn,
+    *,
+    task_batching: str | int = "vmap",
+    devices: int | str = 1,
+) -> Callable:
+    r"""``(meta_params, tasks, step) -> ((loss, metrics), grads)``: :func:`batch_value_and_grad`
+    with the task axis sharded over ``devices`` (``1``: not sharded; ``"all"``: every device).
+
+    The tasks get a ``NamedSharding`` over :func:`task_mesh`'s ``"tasks"`` axis and the
+    meta-parameters stay replicated. ``vmap`` batching is left to XLA's partitioner, which turns
+    the mean into a cross-device reduction. ``lax.map`` batching (``"map"`` or an int) runs under
+    ``jax.shard_map``, each device mapping over its own tasks, because XLA would all-gather a
+    ``lax.map`` over a sharded axis and run every task on every device. The meta-batch must
+    divide evenly; the result is the mean over all tasks, as unsharded.
+
+    Example:
+        >>> loss_fn = lambda p, b: jnp.mean((p * b[0] - b[1]) ** 2)
+        >>> f = sharded_batch_value_and_grad(maml(steps=1, lr=0.1), loss_fn, devices="all")
+        >>> x = jnp.ones((4, 3))  # 4 tasks of 3 points, slope 2: g = 1.28 (p - 2)
+        >>> (loss, _), g = f({"params": jnp.array(0.0)}, Task((x, 2 * x), (x, 2 * x)), 0)
+        >>> round(float(g["params"]), 4)
+        -2.56
+    """
+    mean = lambda mp, tasks, step: batch_value_and_grad(
+        estimator, loss_fn, mp, tasks, step, task_batching=task_batching
+    )
+    if str(devices) == "1":
+        return mean
+    P = jax.sharding.PartitionSpec
+    mesh = task_mesh(devices)
+    sharding = jax.sharding.NamedSharding(mesh, P("tasks"))
+    if task_batching != "vmap":
+        # A device's copy of the meta-parameters is cast to "varying", or its inner-loop
+        # gradients would be summed over devices (shard_map's transpose of a broadcast).
+        def local_mean(mp, tasks, step, f=mean):
+            return lax.pmean(f(lax.pcast(mp, "tasks", to="varying"), tasks, step), "tasks")
+
+        mean = jax.shard_map(local_mean, mesh=mesh, in_specs=(P(), P("tasks"), P()), out_specs=P())
+
+    def sharded(meta_params, tasks, step):
+        return mean(meta_params, lax.with_sharding_constraint(tasks, sharding), step)
+
+    return sharded
 
 
 def meta_learner(
@@ -483,9 +686,11 @@ def meta_learner(
     ``task_batching`` is as in :func:`batch_value_and_grad`; :func:`default_task_batching` gives
     the measured choice per backend and model (the CLI's ``train.task_batching=auto``).
 
-    With ``devices`` > 1 (or ``"all"``) the task axis is sharded across local devices with
+    With ``devices`` > 1 (or ``"all"``) the task axis is sharded across devices with
     ``jax.sharding`` (a ``Mesh`` and ``NamedSharding``); meta-parameters stay replicated and XLA
     turns the mean over tasks into a cross-device reduction. The meta-batch must divide evenly.
+    In a multi-host run ``"all"`` spans every process's devices; every process passes the same
+    whole meta-batch and each device computes its share.
 
     Example:
         >>> loss_fn = lambda p, b: jnp.mean((p * b[0] - b[1]) ** 2)
@@ -506,18 +711,12 @@ def meta_learner(
     def init(meta_params):
         return MetaState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32))
 
-    sharding = None
-    if str(devices) != "1":
-        sharding = jax.sharding.NamedSharding(
-            task_mesh(devices), jax.sharding.PartitionSpec("tasks")
-        )
+    mean_over_tasks = sharded_batch_value_and_grad(
+        estimator, loss_fn, task_batching=task_batching, devices=devices
+    )
 
     def update(state, tasks):
-        if sharding is not None:
-            tasks = lax.with_sharding_constraint(tasks, sharding)
-        (loss, metrics), grads = batch_value_and_grad(
-            estimator, loss_fn, state.meta_params, tasks, state.step, task_batching=task_batching
-        )
+        (loss, metrics), grads = mean_over_tasks(state.meta_params, tasks, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
         meta_params = optax.apply_updates(state.meta_params, updates)
         metrics = dict(metrics, meta_loss=loss, grad_norm=optax.tree.norm(grads))
@@ -609,5 +808,6 @@ __all__ = [
     "meta_loss",
     "msl_weights",
     "reptile",
+    "sharded_batch_value_and_grad",
     "task_mesh",
 ]

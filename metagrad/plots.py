@@ -58,25 +58,35 @@ def adaptation_figure(exp, meta_params, results: dict, path: Path, num_tasks: in
 
 
 def _sinusoid_panels(exp, meta_params, axes, post_steps: int) -> None:
-    shots = exp.cfg.eval.shots or exp.cfg.task.shots
-    keys = jax.random.split(sinusoid.heldout_key("test"), exp.cfg.eval.tasks)[: len(axes)]
+    e, n = exp.cfg.eval, len(axes)
+    shots, query = e.shots or exp.cfg.task.shots, e.query or exp.cfg.task.query
     path_fn = exp.curve_fn(steps=max(post_steps, 1)).path
-    xs = jnp.linspace(*sinusoid.INPUT_RANGE, 200)[:, None]
-    apply = exp.model.apply
-    for ax, key in zip(axes, keys, strict=True):
-        task, (amp, phase) = sinusoid.sample_task(key, shots=shots, query=1, return_params=True)
-        params_path = path_fn(meta_params, task.support)
-        before = jax.tree.map(lambda p: p[0], params_path)
-        after = jax.tree.map(lambda p: p[post_steps], params_path)
-        ax.plot(xs[:, 0], amp * jnp.sin(xs[:, 0] - phase), "k-", lw=1.5, label="ground truth")
-        ax.plot(xs[:, 0], apply(before, xs)[:, 0], "C2--", label="before adaptation")
-        ax.plot(xs[:, 0], apply(after, xs)[:, 0], "C3-", label=f"after {post_steps} step(s)")
-        ax.plot(
-            task.support[0][:, 0],
-            task.support[1][:, 0],
-            "k^",
-            ms=6,
-            label=f"{shots} support points",
+    xs = np.linspace(*sinusoid.INPUT_RANGE, 200, dtype=np.float32)[:, None]
+
+    @jax.jit  # one compilation: eager ops would each compile on their own (seconds on CPU)
+    def panels(meta_params):
+        # The first test tasks, drawn as the evaluation draws them (build.build_task_source).
+        tasks, (amp, phase) = sinusoid.sample_batch_flat(
+            sinusoid.heldout_key("test"),
+            max(e.tasks, n),
+            shots=shots,
+            query=query,
+            return_params=True,
         )
+        support = jax.tree.map(lambda x: x[:n], tasks.support)
+        paths = jax.vmap(path_fn, in_axes=(None, 0))(meta_params, support)
+        at = lambda path, i: exp.model.apply(jax.tree.map(lambda p: p[i], path), xs)[:, 0]
+        before = jax.vmap(lambda path: at(path, 0))(paths)
+        after = jax.vmap(lambda path: at(path, post_steps))(paths)
+        truth = amp[:n, None] * jnp.sin(xs[None, :, 0] - phase[:n, None])
+        return support, truth, before, after
+
+    (sx, sy), truth, before, after = jax.device_get(panels(meta_params))
+    grid = xs[:, 0]
+    for i, ax in enumerate(axes):
+        ax.plot(grid, truth[i], "k-", lw=1.5, label="ground truth")
+        ax.plot(grid, before[i], "C2--", label="before adaptation")
+        ax.plot(grid, after[i], "C3-", label=f"after {post_steps} step(s)")
+        ax.plot(sx[i, :, 0], sy[i, :, 0], "k^", ms=6, label=f"{shots} support points")
         ax.set_xlabel("x")
     axes[0].legend(fontsize=7, loc="lower left")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +22,41 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
-from metagrad import build
+from metagrad import build, distributed
 from metagrad.checkpoint import Checkpoints
 from metagrad.config import ConfigError, validate
 from metagrad.evaluation import make_curve_fn, summarize
-from metagrad.outer import MetaState, meta_learner
+from metagrad.outer import MetaState, meta_learner, task_mesh
 from metagrad.runinfo import run_metadata
 
 
 class NonFiniteLoss(RuntimeError):
-    """The meta-loss became NaN or Inf; the last good checkpoint is kept."""
+    """The meta-loss became NaN or Inf; the last good checkpoint is kept.
+
+    Raised by :func:`train` after a chunk of meta-steps whose mean meta-loss fails
+    ``math.isfinite``; the message names the steps and the checkpoint kept.
+
+    Example:
+        >>> try:
+        ...     raise NonFiniteLoss("meta-loss became nan in meta-steps 500..1000")
+        ... except RuntimeError as err:  # a RuntimeError, so generic handlers catch it too
+        ...     print(type(err).__name__, err)
+        NonFiniteLoss meta-loss became nan in meta-steps 500..1000
+    """
 
 
 @dataclass
 class Experiment:
-    """Everything built from a config: the pieces `train` and `evaluate_run` share."""
+    """Everything built from a config: the pieces `train` and ``experiments/eval.py`` share.
+
+    Example:
+        >>> from metagrad.config import Config
+        >>> cfg = Config()
+        >>> cfg.model.hidden = [8]
+        >>> exp = Experiment.from_config(cfg)
+        >>> exp.estimator.name, exp.source.kind, sorted(exp.meta_params)
+        ('maml', 'regression', ['params'])
+    """
 
     cfg: Any
     model: build.Model
@@ -44,16 +64,17 @@ class Experiment:
     estimator: Any
     optimizer: Any
     meta_params: dict
+    _curve_fns: dict = field(default_factory=dict, repr=False)  # steps -> compiled curves
 
     @classmethod
     def from_config(cls, cfg) -> Experiment:
         validate(cfg)
         devices = str(cfg.train.devices)
-        n = len(jax.local_devices()) if devices == "all" else int(devices)
-        if n > len(jax.local_devices()) or cfg.train.meta_batch_size % n:
+        n = len(jax.devices()) if devices == "all" else int(devices)
+        if n > len(jax.devices()) or cfg.train.meta_batch_size % n:
             raise ConfigError(
-                f"train.devices={devices}: {n} device(s) of {len(jax.local_devices())} "
-                f"local; train.meta_batch_size={cfg.train.meta_batch_size} must "
+                f"train.devices={devices}: {n} device(s) of {len(jax.devices())} "
+                f"in all; train.meta_batch_size={cfg.train.meta_batch_size} must "
                 "divide evenly across them"
             )
         source = build.build_task_source(cfg)  # checks data paths and task sizes before compiling
@@ -68,9 +89,11 @@ class Experiment:
         )
 
     def curve_fn(self, *, steps: int):
+        if steps in self._curve_fns:  # one compilation per run, not one per validation
+            return self._curve_fns[steps]
         a = self.cfg.algo
         mask = build.inner_mask(self.cfg, self.model.params)
-        return make_curve_fn(
+        self._curve_fns[steps] = make_curve_fn(
             self.model.loss_fn,
             self.model.metrics_fn,
             steps=steps,
@@ -81,6 +104,7 @@ class Experiment:
             prox_reg=a.reg if a.name == "imaml" else None,
             batch_size=self.cfg.eval.batch_size,
         )
+        return self._curve_fns[steps]
 
     def evaluate(self, meta_params, split: str, num_tasks: int, prefix: str) -> dict:
         e = self.cfg.eval
@@ -89,47 +113,114 @@ class Experiment:
         tasks = self.source.heldout(
             split, num_tasks, e.shots or self.cfg.task.shots, e.query or self.cfg.task.query
         )
-        curves = jax.device_get(self.curve_fn(steps=steps)(meta_params, tasks))
+        block = min(e.batch_size, num_tasks)
+        curves = _in_blocks(self.curve_fn(steps=steps), meta_params, tasks, block)
         out = summarize(curves, post, prefix)
         out[f"{prefix}_inner_steps"] = post
         return out
 
 
-def _chunk_fn(exp: Experiment, learner):
-    """One compiled call: ``n`` meta-steps with tasks sampled on the device."""
+def _in_blocks(curves_fn, meta_params, tasks, block: int) -> dict:
+    """``curves_fn`` over blocks of ``block`` tasks (the last padded with copies of the final
+    task, then cut): one compilation serves validation and test, whatever their sizes."""
+    tasks = jax.device_get(tasks)
+    n = jax.tree.leaves(tasks)[0].shape[0]
+    parts = []
+    for start in range(0, n, block):
+        idx = np.minimum(np.arange(start, start + block), n - 1)
+        block_tasks = jax.tree.map(lambda x, idx=idx: x[idx], tasks)
+        parts.append(jax.device_get(curves_fn(meta_params, block_tasks)))
+    return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *parts)
+
+
+# A chunk's tasks up to this size are drawn before its scan, in one call batched over steps: on
+# CPU the PRNG (threefry, lowered as rolled loops) then runs once per chunk, not once per step,
+# where sampling took about a quarter of a sinusoid meta-step and slowed its compilation.
+PRESAMPLE_BYTES = 64 * 2**20
+
+
+def _chunk_fn(exp: Experiment, learner, presample_bytes: int = PRESAMPLE_BYTES):
+    """One compiled call: ``n`` meta-steps with tasks sampled on the device.
+
+    Step ``s`` trains on ``sample_train(data, fold_in(base_key, s))`` however the tasks are drawn:
+    for the whole chunk ahead of the scan when they fit in ``presample_bytes``, else inside
+    each step (Omniglot's images). Both give the same tasks, bit for bit.
+    """
     batch = exp.cfg.train.meta_batch_size
     base_key = jax.random.key(exp.cfg.seed + 1)
 
+    def tasks_at(data, step):
+        key = jax.random.fold_in(base_key, step)  # the stream depends on the step only
+        return exp.source.sample_train(data, key, batch)
+
     @jax.jit
     def run(state: MetaState, data, n_steps_marker: jax.Array):
-        def body(state, _):
-            key = jax.random.fold_in(base_key, state.step)  # the stream depends on the step only
-            state, metrics = learner.update(state, exp.source.sample_train(data, key, batch))
-            return state, metrics
-
-        state, metrics = lax.scan(body, state, None, length=n_steps_marker.shape[0])
+        n = n_steps_marker.shape[0]
+        one_step = jax.eval_shape(tasks_at, data, state.step)
+        step_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one_step))
+        if n * step_bytes <= presample_bytes:
+            steps = state.step + jnp.arange(n, dtype=state.step.dtype)
+            tasks = jax.vmap(tasks_at, in_axes=(None, 0))(data, steps)
+            state, metrics = lax.scan(learner.update, state, tasks)
+        else:
+            body = lambda state, _: learner.update(state, tasks_at(data, state.step))
+            state, metrics = lax.scan(body, state, None, length=n)
         return state, jax.tree.map(jnp.mean, metrics)
 
     return run
 
 
-def _log(path: Path, record: dict) -> None:
+def _log(path: Path, record: dict, tensorboard=None) -> None:
+    """Appends ``record`` to the JSON lines log and, given a writer, its numbers as TensorBoard
+    scalars ``{kind}/{name}`` at ``record["step"]`` (lists such as curves stay in the log)."""
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+    if tensorboard is not None:
+        for name, value in record.items():
+            if name not in ("step", "kind") and isinstance(value, int | float):
+                tensorboard.add_scalar(f"{record['kind']}/{name}", value, record["step"])
 
 
 def train(cfg, run_dir: str | Path) -> dict:
-    """Meta-trains as ``cfg`` says, writing everything into ``run_dir``; returns the test metrics.
+    r"""Meta-trains as ``cfg`` says, writing everything into ``run_dir``; returns the test metrics.
 
     Writes ``metrics.jsonl`` (training and validation records), ``checkpoints/{last,best}``,
     ``run_info.json`` (versions, git commit, backend, devices), ``metrics.json`` (the test
     evaluation and speed) and ``metrics.png`` (held-out tasks before and after adaptation, for
-    sinusoid, and the query loss against inner steps).
+    sinusoid, and the query loss against inner steps); with ``train.tensorboard``, the log's
+    numbers also as TensorBoard event files in ``tensorboard/``.
+
+    Each meta-step applies the outer optimizer to :math:`\frac{1}{T} \sum_t g_t`, the mean of
+    the estimator's meta-gradients over ``train.meta_batch_size`` tasks
+    (:func:`metagrad.meta_learner`); test metrics are means over ``eval.tasks`` held-out tasks
+    with ``*_ci95`` half-widths :math:`1.96\, s / \sqrt{n}`.
+
+    Example:
+        The config is checked before anything is built or compiled:
+
+        >>> from metagrad.config import Config
+        >>> cfg = Config()
+        >>> cfg.train.steps, cfg.train.progress = 100, False
+        >>> cfg.inner.steps = -1
+        >>> train(cfg, "runs/never-written")
+        Traceback (most recent call last):
+        metagrad.config.ConfigError: inner.steps=-1: must be >= 0
+
+        With ``cfg.inner.steps = 1`` this trains (about 15 s here, mostly compilation;
+        ``tests/test_train_cli.py`` runs it end to end):
+
+        >>> results = train(cfg, "runs/sinusoid")  # doctest: +SKIP
+        >>> sorted(results)[:3]  # doctest: +SKIP
+        ['checkpoint', 'checkpoint_step', 'compile_seconds']
     """
     run_dir = Path(run_dir)
+    validate(cfg)
+    distributed.initialize(cfg.distributed)  # before anything else starts a JAX backend
+    primary = distributed.is_primary()  # only process 0 writes logs, metrics and figures
     exp = Experiment.from_config(cfg)
     t = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.check_same_everywhere(str(run_dir.absolute()), "the run directory")
     ckpt = Checkpoints(run_dir)
     learner = meta_learner(
         exp.model.loss_fn,
@@ -140,6 +231,8 @@ def train(cfg, run_dir: str | Path) -> dict:
         devices=t.devices,
     )
     state = learner.init(exp.meta_params)
+    if jax.process_count() > 1:  # orbax saves and restores global arrays
+        state = distributed.replicate(state, task_mesh(t.devices))
     best_val = np.array(np.inf)
     log_path = run_dir / "metrics.jsonl"
     if ckpt.latest_step() is not None:
@@ -150,7 +243,13 @@ def train(cfg, run_dir: str | Path) -> dict:
             )
         _, state, extra = ckpt.restore(state, extra={"best_val": best_val})
         best_val = extra["best_val"]
-    (run_dir / "run_info.json").write_text(json.dumps(run_metadata(), indent=2))
+    if primary:
+        (run_dir / "run_info.json").write_text(json.dumps(run_metadata(), indent=2))
+    tensorboard = None
+    if t.tensorboard and primary:
+        from tensorboardX import SummaryWriter  # optional; validate() checked it is installed
+
+        tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10)
 
     chunk_jit = _chunk_fn(exp, learner)
     compiled: dict[int, Any] = {}
@@ -170,7 +269,7 @@ def train(cfg, run_dir: str | Path) -> dict:
     bar = tqdm(
         total=t.steps,
         initial=start,
-        disable=not t.progress,
+        disable=not (t.progress and primary),
         desc="meta-train",
         unit="step",
         dynamic_ncols=True,
@@ -199,13 +298,16 @@ def train(cfg, run_dir: str | Path) -> dict:
         state, step = new_state, step + n
         bar.update(n)
         bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
-        _log(log_path, {"step": step, "kind": "train", "seconds": seconds, **metrics})
+        if primary:
+            record = {"step": step, "kind": "train", "seconds": seconds, **metrics}
+            _log(log_path, record, tensorboard)
         if step % t.eval_every == 0 or step == t.steps:
             val = exp.evaluate(state.meta_params, "val", cfg.eval.val_tasks, "val")
-            _log(log_path, {"step": step, "kind": "val", **val})
+            if primary:
+                _log(log_path, {"step": step, "kind": "val", **val}, tensorboard)
             # The validation objective, lower is better: query loss, or minus accuracy.
             score = -val["val_acc_post"] if "val_acc_post" in val else val["val_loss_post"]
-            if score < best_val:
+            if distributed.agree(bool(score < best_val)):  # saving is collective
                 best_val = np.array(score)
                 ckpt.save_best(step, state, best_val=best_val)
         if step % t.checkpoint_every == 0 or step == t.steps:
@@ -225,11 +327,43 @@ def train(cfg, run_dir: str | Path) -> dict:
         val_objective=float(best_val),
     )
     ckpt.close()
-    write_results(exp, run_dir, results, "metrics.json")
+    if tensorboard is not None:
+        tensorboard.close()
+    if primary:
+        write_results(exp, run_dir, results, "metrics.json")
+    else:
+        results.pop("_meta_params")
     return results
 
 
 def evaluate_checkpoint(exp: Experiment, ckpt: Checkpoints, template_state, *, which: str) -> dict:
+    r"""Evaluates the newest ``which`` (``"best"`` or ``"last"``) checkpoint on the test tasks.
+
+    ``template_state`` gives the structure to restore into (a :class:`metagrad.MetaState`).
+    Returns ``eval_*`` metrics: for each metric the mean over ``cfg.eval.tasks`` test tasks
+    before adaptation (``_pre``), after ``eval.inner_steps`` steps (``_post``) and along
+    ``eval.curve_steps`` (``_curve``), each with its half-width :math:`1.96\, s / \sqrt{n}`
+    (``_ci95``); plus ``checkpoint``, ``checkpoint_step`` and the restored meta-parameters under
+    ``"_meta_params"`` (which :func:`write_results` takes out).
+
+    Example:
+        >>> import tempfile
+        >>> from metagrad.config import Config
+        >>> cfg = Config()
+        >>> cfg.model.hidden, cfg.eval.tasks, cfg.eval.curve_steps = [8], 4, 1
+        >>> exp = Experiment.from_config(cfg)
+        >>> learner = meta_learner(exp.model.loss_fn, exp.estimator, exp.optimizer, jit=False)
+        >>> state = learner.init(exp.meta_params)
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> ckpt = Checkpoints(tmp.name)
+        >>> ckpt.save_best(0, state, best_val=np.inf)
+        >>> results = evaluate_checkpoint(exp, ckpt, state, which="best")
+        >>> results["checkpoint"], results["checkpoint_step"], results["eval_inner_steps"]
+        ('best', 0, 1)
+        >>> len(results["eval_loss_curve"])  # before adaptation and after each of 1 step
+        2
+        >>> ckpt.close(); tmp.cleanup()
+    """
     step, state, _ = ckpt.restore(template_state, which=which, extra={"best_val": np.array(0.0)})
     results = exp.evaluate(state.meta_params, "test", exp.cfg.eval.tasks, "eval")
     results.update(checkpoint=which, checkpoint_step=int(step))
@@ -238,6 +372,25 @@ def evaluate_checkpoint(exp: Experiment, ckpt: Checkpoints, template_state, *, w
 
 
 def write_results(exp: Experiment, run_dir: Path, results: dict, name: str) -> None:
+    """Writes ``results`` as ``run_dir / name`` (JSON) and, with ``eval.figure``, the figure
+    next to it (``.png``); ``results["_meta_params"]`` feeds the figure and is removed.
+
+    Example:
+        >>> import tempfile
+        >>> from metagrad.config import Config
+        >>> cfg = Config()
+        >>> cfg.model.hidden, cfg.eval.figure = [8], False
+        >>> exp = Experiment.from_config(cfg)
+        >>> results = {"eval_loss_post": 0.25, "_meta_params": exp.meta_params}
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     write_results(exp, Path(folder), results, "metrics.json")
+        ...     print((Path(folder) / "metrics.json").read_text())
+        {
+          "eval_loss_post": 0.25
+        }
+        >>> "_meta_params" in results
+        False
+    """
     meta_params = results.pop("_meta_params")
     (run_dir / name).write_text(json.dumps(results, indent=2))
     if exp.cfg.eval.figure:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import metagrad as mg
 import metagrad.nn
@@ -211,6 +212,81 @@ def test_imaml_equals_closed_form_implicit_gradient(key):
     (loss, _), g = est.value_and_grad(lstsq, {"params": theta}, task, 0)
     np.testing.assert_allclose(g["params"], expected, rtol=1e-8)
     np.testing.assert_allclose(loss, lstsq(phi, task.query), rtol=1e-10)
+    (_, metrics), _ = est.value_and_grad(lstsq, {"params": theta}, task, 0)
+    assert metrics["cg_residual"] < 1e-10 and metrics["inner_residual"] < 1e-10
+
+
+def test_imaml_residual_metrics_equal_closed_form(key):
+    # One inner step and one CG iteration, so neither residual is zero: both have closed forms.
+    task = linear_task(key, n=8)
+    theta, reg, lr = jnp.array([0.3, -0.2, 0.5]), 2.0, 0.1
+    A_s, b_s = _quad_terms(task.support)
+    A_q, b_q = _quad_terms(task.query)
+    grad_theta = A_s @ theta - b_s
+    phi = theta - lr * grad_theta
+    inner_res = jnp.linalg.norm(A_s @ phi - b_s + reg * (phi - theta)) / jnp.linalg.norm(grad_theta)
+    A = jnp.eye(3) + A_s / reg
+    b = A_q @ phi - b_q
+    x1 = (b @ b) / (b @ A @ b) * b  # CG's first iterate from zero
+    cg_res = jnp.linalg.norm(A @ x1 - b) / jnp.linalg.norm(b)
+    est = make_estimator("imaml", steps=1, lr=lr, reg=reg, cg_iters=1, cg_tol=1e-12)
+    (_, metrics), g = est.value_and_grad(lstsq, {"params": theta}, task, 0)
+    np.testing.assert_allclose(g["params"], x1, rtol=1e-10)
+    np.testing.assert_allclose(metrics["inner_residual"], inner_res, rtol=1e-10)
+    np.testing.assert_allclose(metrics["cg_residual"], cg_res, rtol=1e-8)
+    assert 0.01 < float(metrics["cg_residual"]) < 1 and 0.01 < float(inner_res) < 1
+
+
+def test_imaml_gauss_newton_equals_closed_form_on_linear_model(key):
+    # For a linear model the Gauss-Newton matrix is the Hessian: the same closed form.
+    task = linear_task(key, n=8)
+    theta, reg = jnp.array([0.3, -0.2, 0.5]), 2.0
+    A_s, b_s = _quad_terms(task.support)
+    A_q, b_q = _quad_terms(task.query)
+    phi = jnp.linalg.solve(A_s + reg * jnp.eye(3), b_s + reg * theta)
+    expected = jnp.linalg.solve(jnp.eye(3) + A_s / reg, A_q @ phi - b_q)
+    est = make_estimator(
+        "imaml", steps=400, lr=0.1, reg=reg, cg_iters=10, cg_tol=1e-12,
+        curvature="gauss_newton", predict_fn=lambda w, X: X @ w,
+        output_loss=lambda z, y: jnp.mean((z - y) ** 2),
+    )  # fmt: skip
+    (_, metrics), g = est.value_and_grad(lstsq, {"params": theta}, task, 0)
+    np.testing.assert_allclose(g["params"], expected, rtol=1e-8)
+    assert metrics["cg_residual"] < 1e-10
+
+
+def test_imaml_gauss_newton_equals_dense_solve_on_mlp(key):
+    # g = (I + J^T (2/n) J / reg)^{-1} grad L(phi; Q), with J the Jacobian of the outputs at phi.
+    k1, k2 = jax.random.split(key)
+    params, task, reg = mlp_params(k1), mlp_task(k2), 0.7
+    est = make_estimator(
+        "imaml", steps=3, lr=0.1, reg=reg, cg_iters=50, cg_tol=1e-14,
+        curvature="gauss_newton", predict_fn=mlp_apply,
+        output_loss=lambda z, y: jnp.mean((z - y) ** 2),
+    )  # fmt: skip
+    (_, metrics), g = est.value_and_grad(mlp_loss, {"params": params}, task, 0)
+    flat, unravel = ravel_pytree(params)
+    prox = lambda p, b: mlp_loss(p, b) + 0.5 * reg * jnp.sum((ravel_pytree(p)[0] - flat) ** 2)
+    phi = mg.adapt(prox, params, task.support, steps=3, lr=0.1)
+    phi_flat = ravel_pytree(phi)[0]
+    x, y = task.support
+    J = jax.jacfwd(lambda f: mlp_apply(unravel(f), x).ravel())(phi_flat)
+    G = 2.0 / y.size * J.T @ J
+    g_query = ravel_pytree(jax.grad(mlp_loss)(phi, task.query))[0]
+    expected = jnp.linalg.solve(jnp.eye(flat.size) + G / reg, g_query)
+    np.testing.assert_allclose(ravel_pytree(g["params"])[0], expected, rtol=1e-8)
+    # ... and it differs from the Hessian version (the MLP's H != G away from interpolation).
+    _, g_h = make_estimator(
+        "imaml", steps=3, lr=0.1, reg=reg, cg_iters=50, cg_tol=1e-14
+    ).value_and_grad(mlp_loss, {"params": params}, task, 0)
+    assert not np.allclose(ravel_pytree(g_h["params"])[0], expected, rtol=1e-4)
+
+
+def test_imaml_rejects_bad_curvature():
+    with pytest.raises(ValueError, match="curvature must be"):
+        make_estimator("imaml", steps=1, lr=0.1, curvature="fisher")
+    with pytest.raises(ValueError, match="needs predict_fn"):
+        make_estimator("imaml", steps=1, lr=0.1, curvature="gauss_newton")
 
 
 def test_imaml_matches_finite_differences_when_converged(key):

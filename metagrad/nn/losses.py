@@ -42,7 +42,16 @@ def cross_entropy_loss(apply: Callable) -> Callable:
 
 
 def accuracy(apply: Callable) -> Callable:
-    """``metrics_fn(params, (x, y)) -> {"acc": fraction of argmax(logits) == y}``."""
+    r"""``metrics_fn(params, (x, y)) -> {"acc": fraction of argmax(logits) == y}``.
+
+    .. math:: \mathrm{acc} = \frac{1}{n} \sum_{i=1}^{n} [\arg\max_c f(x_i)_c = y_i]
+
+    Example:
+        >>> metrics_fn = accuracy(lambda p, x: x)  # the inputs are the logits
+        >>> logits = jnp.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+        >>> float(metrics_fn(None, (logits, jnp.array([1, 1, 1, 0])))["acc"])
+        0.75
+    """
 
     def metrics_fn(params, batch):
         x, y = batch

@@ -52,6 +52,17 @@ class MetaBatchNorm(nnx.Module):
     - ``"support"``: statistics from the first ``stats_rows`` rows only: call with the support set
       and the query concatenated and ``stats_rows = len(support)``, so that each query example is
       normalised with support statistics alone (non-transductive evaluation).
+
+    Example:
+        >>> bn = MetaBatchNorm(1)
+        >>> x = jnp.array([[1.0], [3.0], [5.0]])
+        >>> [round(v, 3) for v in bn(x).ravel().tolist()]  # mean 3, variance 8/3
+        [-1.225, 0.0, 1.225]
+        >>> [round(v, 3) for v in bn(x, stats_rows=2).ravel().tolist()]  # mean 2, variance 1
+        [-1.0, 1.0, 3.0]
+        >>> bn = MetaBatchNorm(1, policy="per_step", steps=2)  # a scale and bias per step
+        >>> bn.scale.shape
+        (2, 1)
     """
 
     def __init__(

@@ -152,8 +152,12 @@ def omniglot_splits(
         :func:`make_sampler` moves one to the device and hands float32 in ``[0, 1]`` to JAX.
 
     Example:
-        ``splits = omniglot_splits("~/data/omniglot")`` then
-        ``make_sampler(splits["train"], ways=5, shots=1, query=1)``.
+        Typical use is ``splits = omniglot_splits("~/data/omniglot")`` then
+        ``make_sampler(splits["train"], ways=5, shots=1, query=1)``; without the files:
+
+        >>> omniglot_splits("/no/such/folder")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        metagrad.tasks.omniglot_io.OmniglotNotFoundError: ...images_background.zip...
     """
     data = load_omniglot(data_dir, cache_dir=cache_dir)
     index = split_characters(data.alphabet, data.background, split=split, seed=seed)
@@ -171,6 +175,19 @@ class TaskIndices(NamedTuple):
         rotation: ``(ways,)`` int32 quarter turns counterclockwise, as ``np.rot90``'s ``k``.
         drawing: ``(ways, shots + query)`` int32 drawer indices, distinct within a row; the
             first ``shots`` go to the support set, the rest to the query set.
+
+    Example:
+        Class 0's first support image is drawing 4 of character 1, turned once:
+
+        >>> images = np.arange(2 * 20 * 2 * 2).reshape(2, 20, 2, 2)  # tiny 2x2 "images"
+        >>> idx = TaskIndices(
+        ...     character=np.array([1, 0]), rotation=np.array([1, 0]),
+        ...     drawing=np.array([[4, 0], [2, 3]]),
+        ... )
+        >>> images[1, 4].tolist()
+        [[96, 97], [98, 99]]
+        >>> np.rot90(images[idx.character[0], idx.drawing[0, 0]], idx.rotation[0]).tolist()
+        [[97, 99], [96, 98]]
     """
 
     character: jax.Array
@@ -179,7 +196,14 @@ class TaskIndices(NamedTuple):
 
 
 class TaskSampler(NamedTuple):
-    """``sample(key) -> Task`` and ``sample_batch(key, meta_batch_size) -> Task``, both jitted."""
+    """``sample(key) -> Task`` and ``sample_batch(key, meta_batch_size) -> Task``, both jitted.
+
+    Example:
+        >>> sampler = make_sampler(np.zeros((2, 20, 8, 8), np.uint8), ways=3, shots=2, query=1)
+        >>> task = sampler.sample(jax.random.key(0))
+        >>> task.support[0].shape, task.support[1].tolist(), task.query[1].tolist()
+        ((6, 8, 8, 1), [0, 0, 1, 1, 2, 2], [0, 1, 2])
+    """
 
     sample: Callable[[jax.Array], Task]
     sample_batch: Callable[[jax.Array, int], Task]

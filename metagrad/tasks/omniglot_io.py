@@ -34,11 +34,30 @@ _RELEASE_URL = "https://github.com/brendenlake/omniglot/tree/master/python"
 
 
 class OmniglotNotFoundError(FileNotFoundError):
-    """The Omniglot files are not where the loader was told to look."""
+    """The Omniglot files are not where the loader was told to look.
+
+    A :class:`FileNotFoundError`, so generic handlers catch it too.
+
+    Example:
+        >>> try:
+        ...     load_omniglot("/no/such/folder")
+        ... except FileNotFoundError as err:
+        ...     print(type(err).__name__)
+        OmniglotNotFoundError
+    """
 
 
 class OmniglotFormatError(ValueError):
-    """The Omniglot files are there but unreadable: corrupt, truncated or in the wrong layout."""
+    """The Omniglot files are there but unreadable: corrupt, truncated or in the wrong layout.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     _ = (Path(folder) / "images_background.zip").write_bytes(b"not a zip")
+        ...     load_omniglot(folder, cache_dir=folder)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        metagrad.tasks.omniglot_io.OmniglotFormatError: ...background.zip is not a readable zip...
+    """
 
 
 class OmniglotData(NamedTuple):
@@ -52,6 +71,20 @@ class OmniglotData(NamedTuple):
         alphabet: ``str`` array ``(num_characters,)``, the alphabet folder name.
         character: ``int32`` array ``(num_characters,)``, the ``NN`` of ``character<NN>``.
         background: ``bool`` array ``(num_characters,)``, True for ``images_background``.
+
+    Example:
+        A split selects rows (what :func:`metagrad.tasks.omniglot.omniglot_splits` does):
+
+        >>> from metagrad.tasks.omniglot import split_characters
+        >>> data = OmniglotData(
+        ...     images=np.zeros((4, 20, 28, 28), np.uint8),
+        ...     alphabet=np.array(["A", "A", "B", "B"]),
+        ...     character=np.array([1, 2, 1, 2], np.int32),
+        ...     background=np.array([True, True, False, False]),
+        ... )
+        >>> split = split_characters(data.alphabet, data.background, num_train=2, num_val=1)
+        >>> {name: data.images[rows].shape[0] for name, rows in split.items()}
+        {'train': 2, 'val': 1, 'test': 1}
     """
 
     images: np.ndarray

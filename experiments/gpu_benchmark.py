@@ -1,0 +1,181 @@
+"""benchmark.py's speed table on one GPU, with the PyTorch peers on the same GPU, in one run.
+
+Ours (second-order MAML, as in benchmark.py): sinusoid (one dispatch per meta-step, and chunks
+of meta-steps with vmap and with lax.map over tasks), and Conv4 5-way 1-shot with 15 queries per
+class, strided and max-pool, meta-batch 32 and 4, with lax convolutions (cuDNN) and vmap over
+tasks. Peers: the implementations in ``shared/peers`` that need torch alone -- torch.func (vmap,
+vmap with ``.backward()``, loop) and the hand-written autograd loop; higher, learn2learn and
+TorchOpt are not on the GPU machine -- run on the GPU through peer_on_device.py. Each peer's
+meta-gradient is checked against the autograd loop in the same run (torch.func's vmap is wrong
+through batch norm, so on Conv4 it is timed but never the speed to beat). Each of our rows gets
+its ratio to the fastest correct peer on the same workload. About 4 minutes on an H100.
+
+    python experiments/gpu_benchmark.py --peers-dir .gpu_carry/peers --out bench.json
+    python experiments/gpu_benchmark.py --quick --only sinusoid --device cpu \\
+        --peers-python /work/peers-venv/bin/python              # CPU smoke test
+
+The device command (the `run` tool), after ``bash experiments/gpu_prepare.sh`` here has filled
+``.gpu_carry/`` (the Omniglot zips and cache, and a copy of ``shared/peers``, which does not
+travel by itself); carry ``[".gpu_carry"]``, timeout_s 560; one line, joined with spaces:
+
+    export PYTHONUNBUFFERED=1; nvidia-smi -L; python3 -c "import jax, flax, optax,
+    orbax.checkpoint, torch; print('jax', jax.__version__, jax.devices(), 'flax',
+    flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)" 2>&1 |
+    tee $OUT/versions.log; timeout 300 python3 experiments/gpu_omniglot.py --data-dir
+    .gpu_carry/omniglot --cache-dir .gpu_carry/cache --time-budget-s 150 --out
+    $OUT/omniglot.json 2>&1 | tee $OUT/omniglot.log; timeout 230 python3
+    experiments/gpu_benchmark.py --peers-dir .gpu_carry/peers --out $OUT/bench.json 2>&1 |
+    tee $OUT/bench.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# JAX takes most of the GPU's memory at start-up by default; the torch peers need some too.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo travels to the GPU uninstalled
+
+import bench_peers  # noqa: E402
+import benchmark  # noqa: E402
+import jax  # noqa: E402
+
+import metagrad as mg  # noqa: E402
+
+PEER_IMPLS = {  # torch alone; the reference (autograd_loop) first where it is timed
+    "sinusoid": ["autograd_loop", "torchfunc_vmap_bwd", "torchfunc_vmap", "torchfunc_loop"],
+    "conv4": ["autograd_loop", "torchfunc_loop", "torchfunc_vmap_bwd"],
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--only", default="sinusoid,conv4", help="sinusoid and/or conv4")
+    p.add_argument("--archs", default="strided,maxpool")
+    p.add_argument("--meta-batches", default="32,4")
+    p.add_argument("--conv-impl", default="lax", choices=benchmark.CONV_IMPLS)
+    p.add_argument("--task-batching", default="vmap", choices=("vmap", "map"))
+    p.add_argument("--target-s", type=float, default=1.0, help="seconds per timed block")
+    p.add_argument("--blocks", type=int, default=3, help="timed blocks per configuration")
+    p.add_argument("--max-call-s", type=float, default=10.0)
+    p.add_argument("--quick", action="store_true", help="fewer steps and peers: a smoke test")
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--peers-python", default=sys.executable, help="a python with torch")
+    p.add_argument(
+        "--peers-dir",
+        type=Path,
+        default=None,
+        help="the peers' scripts (default: .gpu_carry/peers, else ../shared/peers)",
+    )
+    p.add_argument("--peer-threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device of the peers (default: cuda when JAX runs on a GPU, else cpu)",
+    )
+    args = p.parse_args(argv)
+    args.only = {w for w in args.only.split(",") if w}
+    if not args.only <= {"sinusoid", "conv4"}:
+        p.error(f"--only {sorted(args.only)}: choose from sinusoid, conv4")
+    args.archs = [a for a in args.archs.split(",") if a]
+    args.meta_batches = [int(m) for m in args.meta_batches.split(",") if m]
+    return args
+
+
+def peers_dir(args) -> Path | None:
+    for candidate in (args.peers_dir, HERE.parent / ".gpu_carry" / "peers"):
+        if candidate is not None and (Path(candidate) / "bench_sinusoid.py").is_file():
+            return Path(candidate).resolve()  # the peers run from their own folder
+    if args.peers_dir is not None:
+        sys.exit(f"error: --peers-dir {args.peers_dir}: no bench_sinusoid.py there")
+    return bench_peers.default_peers_dir()
+
+
+def run_ours(args) -> list[dict]:
+    rows = []
+    if "sinusoid" in args.only:
+        print("sinusoid MAML", flush=True)
+        rows += benchmark.bench_sinusoid(args)
+        for r in rows:
+            benchmark._print_progress(r)
+    if "conv4" in args.only:
+        print(f"Conv4 MAML, {args.conv_impl} convolutions, {args.task_batching} over tasks")
+        for arch in args.archs:
+            for mb in args.meta_batches:
+                config = {
+                    "workload": "conv4",
+                    "arch": arch,
+                    "meta_batch": mb,
+                    "conv_impl": args.conv_impl,
+                    "task_batching": args.task_batching,
+                    "estimator": "maml",
+                    "inner_steps": 1,
+                }
+                rows.append(benchmark.run_conv4(config, args, mg.maml(steps=1, lr=0.4), {}))
+                benchmark._print_progress(rows[-1])
+    return rows
+
+
+def run_peers(args, where: Path, device: str) -> list[dict]:
+    prefix = (str(HERE / "peer_on_device.py"), "--device", device)
+    common = dict(quick=args.quick, threads=[args.peer_threads], prefix=prefix)
+    n = 2 if args.quick else None
+    print(f"PyTorch peers on {device} ({where})", flush=True)
+    peers = []
+    if "sinusoid" in args.only:
+        impls = PEER_IMPLS["sinusoid"][:n]
+        peers += bench_peers.run_sinusoid(args.peers_python, where, impls=impls, **common)
+    if "conv4" in args.only:
+        for arch in args.archs:
+            peers += bench_peers.run_conv4(
+                args.peers_python,
+                where,
+                arch=arch,
+                meta_batches=args.meta_batches,
+                impls=PEER_IMPLS["conv4"][:n],
+                **common,
+            )
+    return peers
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    env = benchmark.environment()
+    env["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
+    device = args.device or ("cuda" if env["backend"] == "gpu" else "cpu")
+    print(f"metagrad benchmark on {env['backend']} ({env['device']}, jax {env['jax']})", flush=True)
+    report = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}}
+
+    def write(**parts):
+        report.update(parts)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1, default=str))
+
+    results = run_ours(args)
+    write(results=results)  # kept even if the peers fail or time out
+    peers = []
+    where = None if args.no_peers else peers_dir(args)
+    if where is not None:
+        peers = run_peers(args, where, device)
+    elif not args.no_peers:
+        print("peers skipped: no peers directory (--peers-dir)", file=sys.stderr)
+    ratios = benchmark.add_ratios(results, peers)
+    benchmark.print_table(results, peers)
+    for r in ratios:
+        print(f"{r['ours']}: {r['ratio']:.2f} x {r['peer']} (torch threads {r['peer_threads']})")
+    write(results=results, peers=peers, ratios=ratios, peers_device=device)
+    if args.out:
+        print(f"json: {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Fills .gpu_carry/ in this checkout with what the GPU scripts need on the device machine, where
+# only the repository travels (plus carried paths): the Omniglot zips, the preprocessed cache
+# (so the 32k PNGs are not decoded there) and a copy of the PyTorch peers' scripts. Run it here,
+# then call the device tool with carry [".gpu_carry"] (command: experiments/gpu_benchmark.py's
+# docstring). About 21 MB.
+#   bash experiments/gpu_prepare.sh [OMNIGLOT_DIR] [PEERS_DIR]
+# Defaults: ../shared/data/omniglot and ../shared/peers next to the checkout.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+data="${1:-$repo/../shared/data/omniglot}"
+peers="${2:-$repo/../shared/peers}"
+carry="$repo/.gpu_carry"
+for f in "$data/images_background.zip" "$data/images_evaluation.zip" "$peers/bench_sinusoid.py"; do
+  [ -f "$f" ] || { echo "gpu_prepare: missing $f" >&2; exit 1; }
+done
+# Ignored by git, so it travels only when carried (and never gets committed).
+exclude="$(git -C "$repo" rev-parse --git-path info/exclude)"
+case "$exclude" in /*) ;; *) exclude="$repo/$exclude" ;; esac
+mkdir -p "$(dirname "$exclude")"
+grep -qxF '/.gpu_carry/' "$exclude" 2>/dev/null || echo '/.gpu_carry/' >>"$exclude"
+mkdir -p "$carry/omniglot" "$carry/cache" "$carry/peers"
+cp -f "$data"/images_background.zip "$data"/images_evaluation.zip "$carry/omniglot/"
+cp -f "$peers"/bench_sinusoid.py "$peers"/bench_omniglot_conv4.py "$carry/peers/"
+# The loader's cache is keyed by the zips' bytes: copy this machine's, else write it (slow).
+cache="${METAGRAD_CACHE:-$HOME/.cache/metagrad}/omniglot"
+mkdir -p "$carry/cache/omniglot"
+cp "$cache"/omniglot28_*.npz "$carry/cache/omniglot/" 2>/dev/null || true
+(cd "$repo" && python -c "
+import sys
+from metagrad.tasks.omniglot import load_omniglot
+load_omniglot(sys.argv[1], cache_dir=sys.argv[2])
+" "$carry/omniglot" "$carry/cache")
+du -sh "$carry"
+git -C "$repo" status --short --ignored "$carry" | head -3
