@@ -214,6 +214,38 @@ def run_conv4(
     return out
 
 
+def run_workloads(
+    python: str,
+    peers_dir: Path,
+    *,
+    only,
+    archs,
+    meta_batches: list[int],
+    quick: bool,
+    threads: list[int],
+    impls: dict[str, list[str]] | None = None,
+    prefix: tuple[str, ...] = (),
+) -> list[dict]:
+    """The peers' rows for the workloads in ``only`` ("sinusoid", "conv4" for each of ``archs``);
+    ``impls`` maps a workload to the implementations to run (default: all)."""
+    impls = impls or {}
+    common = dict(quick=quick, threads=threads, prefix=prefix)
+    rows = []
+    if "sinusoid" in only:
+        rows += run_sinusoid(python, peers_dir, impls=impls.get("sinusoid"), **common)
+    if "conv4" in only:
+        for arch in archs:
+            rows += run_conv4(
+                python,
+                peers_dir,
+                arch=arch,
+                meta_batches=meta_batches,
+                impls=impls.get("conv4"),
+                **common,
+            )
+    return rows
+
+
 def fastest_correct(peers: list[dict], **match) -> dict | None:
     """The fastest peer row (over implementations and torch thread counts) that matches ``match``
     and whose meta-gradient is correct."""

@@ -757,23 +757,16 @@ def run_peers(args, only: set[str]) -> list[dict]:
         )
         return []
     threads = [int(t) for t in args.peer_threads.split(",") if t]
-    peers = []
     print(f"PyTorch peers ({peers_dir}, torch threads {threads})", flush=True)
-    if "sinusoid" in only:
-        peers += bench_peers.run_sinusoid(
-            args.peers_python, peers_dir, quick=args.quick, threads=threads
-        )
-    if "conv4" in only:
-        for arch in args.archs:
-            peers += bench_peers.run_conv4(
-                args.peers_python,
-                peers_dir,
-                arch=arch,
-                meta_batches=args.meta_batches,
-                quick=args.quick,
-                threads=threads,
-            )
-    return peers
+    return bench_peers.run_workloads(
+        args.peers_python,
+        peers_dir,
+        only=only,
+        archs=args.archs,
+        meta_batches=args.meta_batches,
+        quick=args.quick,
+        threads=threads,
+    )
 
 
 if __name__ == "__main__":

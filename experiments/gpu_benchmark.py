@@ -125,24 +125,19 @@ def run_ours(args) -> list[dict]:
 
 def run_peers(args, where: Path, device: str) -> list[dict]:
     prefix = (str(HERE / "peer_on_device.py"), "--device", device)
-    common = dict(quick=args.quick, threads=[args.peer_threads], prefix=prefix)
     n = 2 if args.quick else None
     print(f"PyTorch peers on {device} ({where})", flush=True)
-    peers = []
-    if "sinusoid" in args.only:
-        impls = PEER_IMPLS["sinusoid"][:n]
-        peers += bench_peers.run_sinusoid(args.peers_python, where, impls=impls, **common)
-    if "conv4" in args.only:
-        for arch in args.archs:
-            peers += bench_peers.run_conv4(
-                args.peers_python,
-                where,
-                arch=arch,
-                meta_batches=args.meta_batches,
-                impls=PEER_IMPLS["conv4"][:n],
-                **common,
-            )
-    return peers
+    return bench_peers.run_workloads(
+        args.peers_python,
+        where,
+        only=args.only,
+        archs=args.archs,
+        meta_batches=args.meta_batches,
+        quick=args.quick,
+        threads=[args.peer_threads],
+        impls={workload: names[:n] for workload, names in PEER_IMPLS.items()},
+        prefix=prefix,
+    )
 
 
 def main(argv=None) -> dict:

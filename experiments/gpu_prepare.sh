@@ -14,11 +14,7 @@ carry="$repo/.gpu_carry"
 for f in "$data/images_background.zip" "$data/images_evaluation.zip" "$peers/bench_sinusoid.py"; do
   [ -f "$f" ] || { echo "gpu_prepare: missing $f" >&2; exit 1; }
 done
-# Ignored by git, so it travels only when carried (and never gets committed).
-exclude="$(git -C "$repo" rev-parse --git-path info/exclude)"
-case "$exclude" in /*) ;; *) exclude="$repo/$exclude" ;; esac
-mkdir -p "$(dirname "$exclude")"
-grep -qxF '/.gpu_carry/' "$exclude" 2>/dev/null || echo '/.gpu_carry/' >>"$exclude"
+# .gitignore lists .gpu_carry/, so it travels only when carried (and never gets committed).
 mkdir -p "$carry/omniglot" "$carry/cache" "$carry/peers"
 cp -f "$data"/images_background.zip "$data"/images_evaluation.zip "$carry/omniglot/"
 cp -f "$peers"/bench_sinusoid.py "$peers"/bench_omniglot_conv4.py "$carry/peers/"

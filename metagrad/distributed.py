@@ -37,7 +37,7 @@ def initialize(dist: Any) -> bool:
         return False
     if not jax.distributed.is_initialized():
         kwargs = {k: getattr(dist, k) for k in INIT_KEYS if getattr(dist, k) is not None}
-        if kwargs.get("local_device_ids") is not None:
+        if "local_device_ids" in kwargs:  # a config list, not necessarily a Python list
             kwargs["local_device_ids"] = list(kwargs["local_device_ids"])
         jax.distributed.initialize(**kwargs)
     return True

@@ -122,8 +122,8 @@ class Experiment:
 
 def _in_blocks(curves_fn, meta_params, tasks, block: int) -> dict:
     """``curves_fn`` over blocks of ``block`` tasks (the last padded with copies of the final
-    task, then cut): one compilation serves validation and test, whatever their sizes."""
-    tasks = jax.device_get(tasks)
+    task, then cut): one compilation serves validation and test, whatever their sizes. The tasks
+    stay where they are (on the device); only the curves come back to the host."""
     n = jax.tree.leaves(tasks)[0].shape[0]
     parts = []
     for start in range(0, n, block):

@@ -201,13 +201,18 @@ def test_reptile_direction_is_mean_parameter_difference(key):
 # --- iMAML ---------------------------------------------------------------------------------------
 
 
-def test_imaml_equals_closed_form_implicit_gradient(key):
-    task = linear_task(key, n=8)
-    theta, reg = jnp.array([0.3, -0.2, 0.5]), 2.0
+def _imaml_closed_form(task, theta, reg):
+    """The proximal solution phi* and the exact implicit gradient for linear least squares."""
     A_s, b_s = _quad_terms(task.support)
     A_q, b_q = _quad_terms(task.query)
     phi = jnp.linalg.solve(A_s + reg * jnp.eye(3), b_s + reg * theta)
-    expected = jnp.linalg.solve(jnp.eye(3) + A_s / reg, A_q @ phi - b_q)
+    return phi, jnp.linalg.solve(jnp.eye(3) + A_s / reg, A_q @ phi - b_q)
+
+
+def test_imaml_equals_closed_form_implicit_gradient(key):
+    task = linear_task(key, n=8)
+    theta, reg = jnp.array([0.3, -0.2, 0.5]), 2.0
+    phi, expected = _imaml_closed_form(task, theta, reg)
     est = make_estimator("imaml", steps=400, lr=0.1, reg=reg, cg_iters=10, cg_tol=1e-12)
     (loss, _), g = est.value_and_grad(lstsq, {"params": theta}, task, 0)
     np.testing.assert_allclose(g["params"], expected, rtol=1e-8)
@@ -241,10 +246,7 @@ def test_imaml_gauss_newton_equals_closed_form_on_linear_model(key):
     # For a linear model the Gauss-Newton matrix is the Hessian: the same closed form.
     task = linear_task(key, n=8)
     theta, reg = jnp.array([0.3, -0.2, 0.5]), 2.0
-    A_s, b_s = _quad_terms(task.support)
-    A_q, b_q = _quad_terms(task.query)
-    phi = jnp.linalg.solve(A_s + reg * jnp.eye(3), b_s + reg * theta)
-    expected = jnp.linalg.solve(jnp.eye(3) + A_s / reg, A_q @ phi - b_q)
+    phi, expected = _imaml_closed_form(task, theta, reg)
     est = make_estimator(
         "imaml", steps=400, lr=0.1, reg=reg, cg_iters=10, cg_tol=1e-12,
         curvature="gauss_newton", predict_fn=lambda w, X: X @ w,
