@@ -15,10 +15,13 @@ its ratio to the fastest correct peer on the same workload. About 4 minutes on a
         --peers-python /work/peers-venv/bin/python              # CPU smoke test
 
 The device command (the `run` tool), after ``bash experiments/gpu_prepare.sh`` here has filled
-``.gpu_carry/`` (the Omniglot zips and cache, and a copy of ``shared/peers``, which does not
-travel by itself); carry ``[".gpu_carry"]``, timeout_s 560; one line, joined with spaces:
+``.gpu_carry/`` (the Omniglot zips and cache, a copy of ``shared/peers``, which does not
+travel by itself, and wheels of Hydra for gpu_omniglot.py); carry ``[".gpu_carry"]``, timeout_s
+560; one line, joined with spaces:
 
-    export PYTHONUNBUFFERED=1; nvidia-smi -L; python3 -c "import jax, flax, optax,
+    export PYTHONUNBUFFERED=1; python3 -m pip install -q --no-index --no-deps --target /tmp/site
+    .gpu_carry/wheels/*.whl && export PYTHONPATH=/tmp/site || exit; nvidia-smi -L; python3 -c
+    "import jax, flax, optax,
     orbax.checkpoint, torch; print('jax', jax.__version__, jax.devices(), 'flax',
     flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)" 2>&1 |
     tee $OUT/versions.log; timeout 300 python3 experiments/gpu_omniglot.py --data-dir

@@ -1,6 +1,6 @@
 """Omniglot 5-way 1-shot MAML (``conf/experiment/maml_omniglot_5w1s.yaml``) end to end on one
-GPU, without Hydra: the preset is composed by `presets.compose_preset`, trained by
-`metagrad.train.train`, and summarised on stdout and in one JSON file.
+GPU: the preset is composed by Hydra's compose API (`train.compose_config`, as the CLI would),
+trained by `metagrad.train.train`, and summarised on stdout and in one JSON file.
 
 With ``--time-budget-s`` a throwaway calibration run first trains two chunks
 (``train.chunk_steps`` meta-steps each) and takes the speed of the second (the first call also
@@ -16,8 +16,9 @@ arrays, and compile it again.)
         --set train.meta_batch_size=16          # any Config key, as on the Hydra command line
 
 On the device machine (the `run` tool), after ``bash experiments/gpu_prepare.sh`` here has put
-the Omniglot zips, the preprocessed cache and the PyTorch peers into ``.gpu_carry/``
-(carry ``[".gpu_carry"]``; the whole command is in gpu_benchmark.py's docstring):
+the Omniglot zips, the preprocessed cache, the PyTorch peers and wheels of Hydra (which that
+machine lacks) into ``.gpu_carry/`` (carry ``[".gpu_carry"]``; the whole command, which installs
+the wheels first, is in gpu_benchmark.py's docstring):
 
     python experiments/gpu_omniglot.py --data-dir .gpu_carry/omniglot \\
         --cache-dir .gpu_carry/cache --time-budget-s 150 --out $OUT/omniglot.json
@@ -38,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo travels to the GPU uninstalled
 
-from presets import compose_preset  # noqa: E402
+from train import compose_config  # noqa: E402  (experiments/train.py, the Hydra CLI)
 
 from metagrad.config import ConfigError  # noqa: E402
 
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     try:  # bad input fails here, before JAX compiles anything
-        cfg = compose_preset(args.preset, overrides)
+        cfg = compose_config([f"+experiment={args.preset}", *overrides])
         if args.time_budget_s is not None and not args.time_budget_s > 0:
             raise ConfigError(f"--time-budget-s={args.time_budget_s}: must be positive")
     except ConfigError as e:

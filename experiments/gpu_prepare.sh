@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Fills .gpu_carry/ in this checkout with what the GPU scripts need on the device machine, where
 # only the repository travels (plus carried paths): the Omniglot zips, the preprocessed cache
-# (so the 32k PNGs are not decoded there) and a copy of the PyTorch peers' scripts. Run it here,
-# then call the device tool with carry [".gpu_carry"] (command: experiments/gpu_benchmark.py's
-# docstring). About 21 MB.
+# (so the 32k PNGs are not decoded there), a copy of the PyTorch peers' scripts and wheels of
+# Hydra and OmegaConf (that machine has JAX, Flax, optax and orbax, not Hydra; pure Python, the
+# versions installed here). Run it here, in metagrad's virtual environment, then call the device
+# tool with carry [".gpu_carry"] (command: experiments/gpu_benchmark.py's docstring). About 22 MB.
 #   bash experiments/gpu_prepare.sh [OMNIGLOT_DIR] [PEERS_DIR]
 # Defaults: ../shared/data/omniglot and ../shared/peers next to the checkout.
 set -euo pipefail
@@ -27,5 +28,11 @@ import sys
 from metagrad.tasks.omniglot import load_omniglot
 load_omniglot(sys.argv[1], cache_dir=sys.argv[2])
 " "$carry/omniglot" "$carry/cache")
+# pip wheel builds antlr4-python3-runtime, which PyPI ships as source only.
+versions=$(python -c "
+from importlib.metadata import version
+print(' '.join(f'{n}=={version(n)}' for n in ('hydra-core', 'omegaconf', 'antlr4-python3-runtime')))")
+rm -rf "$carry/wheels"
+python -m pip wheel -q --no-deps -w "$carry/wheels" $versions
 du -sh "$carry"
 git -C "$repo" status --short --ignored "$carry" | head -3

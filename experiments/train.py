@@ -18,6 +18,26 @@ from metagrad.config import Config, ConfigError, validate
 
 ConfigStore.instance().store(name="base_config", node=Config)
 GROUPS = ("task", "model", "algo", "experiment", "hparams_search")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The validated `Config` that ``python experiments/train.py <overrides>`` trains, composed
+    by Hydra's compose API without starting a run (for scripts such as gpu_omniglot.py); a bad
+    override raises `ConfigError` naming it, before anything is built or compiled."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ else ""
+        raise ConfigError(f"{str(e).splitlines()[0]}{cause}") from e
+    validate(cfg)
+    return cfg
 
 
 def check_override_types(argv: list[str]) -> None:
