@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from metagrad.config import Config, ConfigError, validate
+from metagrad.experiment.config import Config, ConfigError, validate
 
 
 def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from metagrad.checkpoint import Checkpoints
+    from metagrad.experiment.checkpoint import Checkpoints
     from metagrad.outer import meta_learner
-    from metagrad.train import Experiment, evaluate_checkpoint, write_results
+    from metagrad.experiment.loop import Experiment, evaluate_checkpoint, write_results
 
     exp = Experiment.from_config(cfg)
     template = meta_learner(exp.model.loss_fn, exp.estimator, exp.optimizer, jit=False).init(

@@ -1,6 +1,6 @@
 """Omniglot 5-way 1-shot MAML (``conf/experiment/maml_omniglot_5w1s.yaml``) end to end on one
 GPU: the preset is composed by Hydra's compose API (`train.compose_config`, as the CLI would),
-trained by `metagrad.train.train`, and summarised on stdout and in one JSON file.
+trained by `metagrad.experiment.train`, and summarised on stdout and in one JSON file.
 
 With ``--time-budget-s`` a throwaway calibration run first trains two chunks
 (``train.chunk_steps`` meta-steps each) and takes the speed of the second (the first call also
@@ -41,7 +41,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo travels to the GPU unin
 
 from train import compose_config  # noqa: E402  (experiments/train.py, the Hydra CLI)
 
-from metagrad.config import ConfigError  # noqa: E402
+from metagrad.experiment.config import ConfigError  # noqa: E402
 
 TEST_METRICS = [f"eval_{k}_{x}" for k in ("acc", "loss") for x in ("post", "post_ci95", "pre")]
 
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from metagrad.train import train
+    from metagrad.experiment.loop import train
 
     # The calibration run and the real run compile the same program: cache it on disk.
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):

@@ -1,7 +1,7 @@
 """Meta-train from the command line: ``python experiments/train.py task=sinusoid algo=maml``.
 
-Hydra composes the config (conf/), the schema in metagrad.config checks types, and
-metagrad.config.validate checks values, all before anything is built or compiled. ``-m`` sweeps.
+Hydra composes the config (conf/), the schema in metagrad.experiment.config checks types, and
+metagrad.experiment.config.validate checks values, all before anything is built or compiled. ``-m`` sweeps.
 """
 
 from __future__ import annotations
@@ -10,55 +10,11 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from metagrad.config import Config, ConfigError, validate
-
-ConfigStore.instance().store(name="base_config", node=Config)
-GROUPS = ("task", "model", "algo", "experiment", "hparams_search")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_config(overrides: list[str]) -> Config:
-    """The validated `Config` that ``python experiments/train.py <overrides>`` trains, composed
-    by Hydra's compose API without starting a run (for scripts such as gpu_omniglot.py); a bad
-    override raises `ConfigError` naming it, before anything is built or compiled."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
-    except (HydraException, OmegaConfBaseException) as e:
-        cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ else ""
-        raise ConfigError(f"{str(e).splitlines()[0]}{cause}") from e
-    validate(cfg)
-    return cfg
-
-
-def check_override_types(argv: list[str]) -> None:
-    """One line naming the key for a value of the wrong type (Hydra's own message is longer)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    schema = OmegaConf.structured(Config)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or arg.startswith(("-", "+", "~", "hydra.")) or key in GROUPS:
-            continue
-        if "," in value and ("-m" in argv or "--multirun" in argv):
-            continue  # a sweep over values: Hydra checks each
-        try:
-            OmegaConf.merge(schema, OmegaConf.from_dotlist([arg]))
-        except OmegaConfBaseException as e:
-            reason = str(e).splitlines()[0]
-            print(f"error: {arg}: {reason}", file=sys.stderr)
-            sys.exit(2)
-
+from experiments._hydra import check_override_types, quiet_library_logs
+from metagrad.experiment.config import ConfigError, validate
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
@@ -67,8 +23,9 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from metagrad.distributed import is_primary
-    from metagrad.train import NonFiniteLoss, train  # after validation: bad input is fast
+    quiet_library_logs()
+    from metagrad.experiment.distributed import is_primary
+    from metagrad.experiment.loop import NonFiniteLoss, train  # after validation: bad input is fast
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

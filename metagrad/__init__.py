@@ -1,10 +1,12 @@
 """metagrad: gradient-based meta-learning in JAX.
 
 The public API, re-exported from the modules that define it (``tests/test_public_api.py`` pins
-this list).
+this list). ``import metagrad`` loads JAX and optax only: Flax comes with ``metagrad.nn``, the
+application (orbax, matplotlib) with ``metagrad.experiment``.
 """
 
 from metagrad import quant
+from metagrad._types import MetaParams, Task
 from metagrad.autodiff import (
     Estimate,
     clip_per_example,
@@ -17,56 +19,71 @@ from metagrad.autodiff import (
     per_example_grad_norms,
     per_example_grads,
 )
-from metagrad.estimators import straight_through, td_loss
-from metagrad.inner import adapt, mask_by_path, sgd_step
-from metagrad.outer import (
+from metagrad.checks import check_meta_grad
+from metagrad.estimators import (
+    ESTIMATORS,
+    InnerLoop,
     MetaGradEstimator,
-    MetaLearner,
-    MetaState,
-    batch_value_and_grad,
-    check_meta_grad,
+    anil,
     fomaml,
     imaml,
+    learned_rates,
     make_estimator,
     maml,
     mamlpp,
-    meta_learner,
     meta_loss,
+    metasgd,
     reptile,
 )
-from metagrad.tasks import Task
+from metagrad.inner import adapt, check_inner_optimizer, mask_by_path, sgd_step
+from metagrad.outer import (
+    MetaLearner,
+    MetaState,
+    batch_value_and_grad,
+    default_task_batching,
+    meta_learner,
+)
+from metagrad.stop_gradient import straight_through, td_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ESTIMATORS",
     "Estimate",
+    "InnerLoop",
     "MetaGradEstimator",
     "MetaLearner",
+    "MetaParams",
     "MetaState",
     "Task",
     "adapt",
+    "anil",
     "batch_value_and_grad",
+    "check_inner_optimizer",
     "check_meta_grad",
+    "clip_per_example",
+    "default_task_batching",
+    "derivative",
     "fomaml",
+    "gnvp",
+    "hessian",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "hvp",
     "imaml",
+    "learned_rates",
     "make_estimator",
     "maml",
     "mamlpp",
     "mask_by_path",
     "meta_learner",
     "meta_loss",
-    "reptile",
-    "sgd_step",
-    "clip_per_example",
-    "derivative",
-    "gnvp",
-    "hessian",
-    "hutchinson_diagonal",
-    "hutchinson_trace",
-    "hvp",
+    "metasgd",
     "per_example_grad_norms",
     "per_example_grads",
     "quant",
+    "reptile",
+    "sgd_step",
     "straight_through",
     "td_loss",
 ]

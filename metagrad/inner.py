@@ -6,16 +6,16 @@ meta-gradient of MAML is `jax.grad` of a loss taken after `adapt`: grad-through-
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
-PyTree = Any
-LossFn = Callable[..., jax.Array]
+from metagrad._types import LossFn, PyTree
 
 
 # --- which parameters adapt ------------------------------------------------------------------
@@ -46,10 +46,12 @@ def path_str(key_path) -> str:
     return "/".join(parts)
 
 
-def _check_mask(params: PyTree, mask: PyTree | None) -> list[bool]:
+def _check_mask(params: PyTree, mask: PyTree | Callable[[str], bool] | None) -> list[bool]:
     leaves, treedef = jax.tree.flatten(params)
     if mask is None:
         return [True] * len(leaves)
+    if callable(mask):  # a path predicate, resolved against these params
+        mask = mask_by_path(params, mask)
     mask_leaves, mask_def = jax.tree.flatten(mask)
     if mask_def != treedef:
         raise ValueError(
@@ -127,6 +129,34 @@ def _validate_steps(steps) -> None:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
 
 
+def with_step(loss_fn: LossFn, step_arg: bool) -> Callable:
+    """``loss_fn`` as ``f(params, batch, step)``: the step index is passed on only to models that
+    take it (``step_arg=True``), so every caller has one calling convention."""
+    if step_arg:
+        return loss_fn
+    return lambda params, batch, step: loss_fn(params, batch)
+
+
+def proximal(loss_fn: LossFn, anchor: PyTree, reg: float) -> LossFn:
+    r"""iMAML's proximal inner objective :math:`L(\phi; B) + \frac{\lambda}{2}\|\phi - a\|^2`.
+
+    Example:
+        >>> float(proximal(lambda p, b: p * b, 1.0, 2.0)(3.0, 1.0))  # 3 + (2 / 2) (3 - 1)^2
+        7.0
+    """
+
+    def prox(params, batch, *step):
+        return loss_fn(params, batch, *step) + 0.5 * reg * sq_dist(params, anchor)
+
+    return prox
+
+
+def sq_dist(a: PyTree, b: PyTree) -> jax.Array:
+    """:math:`\\|a - b\\|^2` summed over every leaf of two pytrees of one structure."""
+    leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return sum(jnp.sum((x - y) ** 2) for x, y in leaves)
+
+
 # --- the inner loop ----------------------------------------------------------------------------
 
 
@@ -147,16 +177,69 @@ def sgd_step(
     return adapt(loss_fn, params, batch, steps=1, lr=lr, first_order=first_order, unroll=True)
 
 
+class UpdateRule(NamedTuple):
+    """How one inner step turns gradients into new parameters (over the adapted leaves only).
+
+    ``init(leaves) -> state``; ``update(grads, state, leaves, x) -> (leaves, state)``, where
+    ``x`` is the step's slice of ``xs`` (per-step rates), or None.
+    """
+
+    init: Callable
+    update: Callable
+    xs: Any
+
+
+def sgd_rule(lr, params: PyTree, mask_leaves: list[bool], steps: int, per_step: bool):
+    """Plain SGD with a shared, per-leaf or per-step rate (see :func:`adapt`'s ``lr``)."""
+    kind, rate = _lr_leaves(lr, params, mask_leaves, steps, per_step)
+
+    def update(grads, state, leaves, x):
+        rate_i = x if per_step else rate
+        rates = [rate_i] * len(leaves) if kind == "shared" else rate_i
+        new = [p - (a * g).astype(p.dtype) for p, a, g in zip(leaves, rates, grads, strict=True)]
+        return new, state
+
+    return UpdateRule(lambda leaves: (), update, rate if per_step else None)
+
+
+def optax_rule(optimizer: optax.GradientTransformation, *, first_order: bool):
+    """Any optax optimizer, its state started fresh and differentiated through."""
+
+    def update(grads, state, leaves, x):
+        updates, state = optimizer.update(grads, state, leaves)
+        if first_order:
+            updates = lax.stop_gradient(updates)
+        return optax.apply_updates(leaves, updates), state
+
+    return UpdateRule(optimizer.init, update, None)
+
+
+def unroll_steps(step_fn: Callable, carry, xs, *, steps: int, remat: bool, python_loop: bool):
+    """``steps`` applications of ``step_fn(carry, (i, x_i)) -> (carry, out)``: a ``lax.scan`` (or
+    a Python loop), each step under ``jax.checkpoint`` with ``remat``. Returns ``(carry, outs)``
+    with the outputs stacked on a leading axis (None for zero steps)."""
+    if remat:
+        step_fn = jax.checkpoint(step_fn)
+    ids = jnp.arange(steps, dtype=jnp.int32)
+    if python_loop or steps == 0:
+        outs = []
+        for i in range(steps):
+            carry, out = step_fn(carry, (ids[i], jax.tree.map(lambda a, i=i: a[i], xs)))
+            outs.append(out)
+        return carry, (jax.tree.map(lambda *o: jnp.stack(o), *outs) if outs else None)
+    return lax.scan(step_fn, carry, (ids, xs))
+
+
 def adapt(
     loss_fn: LossFn,
     params: PyTree,
     batch: Any,
     *,
     steps: int,
-    lr,
+    lr=None,
     first_order: bool = False,
     per_step: bool = False,
-    mask: PyTree | None = None,
+    mask: PyTree | Callable[[str], bool] | None = None,
     optimizer: optax.GradientTransformation | None = None,
     remat: bool = False,
     unroll: bool = False,
@@ -185,11 +268,15 @@ def adapt(
         first_order: stop the inner gradients' dependence on ``params``: the outer gradient then
             treats every inner gradient as a constant (first-order MAML), by construction.
         per_step: whether ``lr`` carries a leading ``steps`` axis.
-        mask: a params-shaped pytree of Python bools: which parameters adapt (ANIL adapts only
-            the ``head``). Frozen parameters are never differentiated in the inner loop.
+        mask: which parameters adapt: a params-shaped pytree of Python bools, or a predicate on
+            leaf paths such as ``lambda path: path.startswith("head")`` (ANIL). Frozen parameters
+            are never differentiated in the inner loop.
         optimizer: an optax ``GradientTransformation`` to use instead of SGD (e.g.
-            ``optax.adam(1e-2)``); its state starts fresh at :math:`\theta` and is differentiated
-            through like everything else.
+            ``optax.adam(1e-2, eps_root=1e-8)``); its state starts fresh at :math:`\theta` and is
+            differentiated through like everything else. An optimizer whose update has no
+            derivative at a zero gradient (``optax.adam``'s default ``eps_root=0``) is refused
+            unless ``first_order``: it would give NaN meta-gradients (see
+            :func:`check_inner_optimizer`).
         remat: wrap each step in ``jax.checkpoint``: the backward pass recomputes a step's
             activations instead of storing them.
         unroll: a Python loop instead of ``lax.scan`` (for small step counts).
@@ -211,95 +298,71 @@ def adapt(
     _validate_steps(steps)
     mask_leaves = _check_mask(params, mask)
     if optimizer is None:
-        lr_kind, lr_val = _lr_leaves(lr, params, mask_leaves, steps, per_step)
-    elif lr is not None:
-        raise ValueError(
-            "pass either lr (SGD) or optimizer, not both: the optax optimizer "
-            "carries its own learning rate"
-        )
-    adapted0, combine = _split(params, mask_leaves)
-
-    def inner_loss(adapted_leaves, step):
-        full = combine(adapted_leaves)
-        return loss_fn(full, batch, step) if step_arg else loss_fn(full, batch)
-
-    def grads_at(adapted_leaves, step):
-        g = jax.grad(inner_loss)(adapted_leaves, step)
-        return lax.stop_gradient(g) if first_order else g
-
-    if optimizer is None:
-
-        def step_fn(carry, xs):
-            leaves = carry
-            step, lr_i = xs
-            g = grads_at(leaves, step)
-            if lr_kind == "shared":
-                new = [p - (lr_i * gi).astype(p.dtype) for p, gi in zip(leaves, g, strict=True)]
-            else:
-                new = [
-                    p - (a * gi).astype(p.dtype) for p, a, gi in zip(leaves, lr_i, g, strict=True)
-                ]
-            return new, new
-
-        carry0 = adapted0
-        lr_xs = lr_val if per_step else None
+        rule = sgd_rule(lr, params, mask_leaves, steps, per_step)
     else:
-
-        def step_fn(carry, xs):
-            leaves, opt_state = carry
-            step, _ = xs
-            g = grads_at(leaves, step)
-            updates, opt_state = optimizer.update(g, opt_state, leaves)
-            if first_order:
-                updates = lax.stop_gradient(updates)
-            new = optax.apply_updates(leaves, updates)
-            return (new, opt_state), new
-
-        carry0 = (adapted0, optimizer.init(adapted0))
-        lr_xs = None
-
-    if remat:
-        step_fn = jax.checkpoint(step_fn)
-    step_ids = jnp.arange(steps, dtype=jnp.int32)
-
-    if unroll or steps == 0:
-        carry, traj = carry0, []
-        for i in range(steps):
-            lr_i = (
-                _index_lr(lr_xs, i)
-                if lr_xs is not None
-                else (lr_val if optimizer is None else None)
+        if lr is not None:
+            raise ValueError(
+                "pass either lr (SGD) or optimizer, not both: the optax optimizer "
+                "carries its own learning rate"
             )
-            carry, out = step_fn(carry, (step_ids[i], lr_i))
-            traj.append(out)
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *traj) if traj else None
-    else:
-        if lr_xs is None:
-            shared_lr = lr_val if optimizer is None else None
-            body = lambda c, s: step_fn(c, (s, shared_lr))
-            carry, stacked = lax.scan(body, carry0, step_ids)
-        else:
-            carry, stacked = lax.scan(step_fn, carry0, (step_ids, lr_xs))
+        if not first_order:
+            check_inner_optimizer(optimizer)
+        rule = optax_rule(optimizer, first_order=first_order)
+    leaves0, combine = _split(params, mask_leaves)
+    loss = with_step(loss_fn, step_arg)
 
-    final_leaves = carry if optimizer is None else carry[0]
-    adapted = combine(final_leaves)
+    def step_fn(carry, step_and_x):
+        leaves, state = carry
+        step, x = step_and_x
+        grads = jax.grad(lambda ls: loss(combine(ls), batch, step))(leaves)
+        if first_order:
+            grads = lax.stop_gradient(grads)
+        leaves, state = rule.update(grads, state, leaves, x)
+        return (leaves, state), leaves
+
+    carry0 = (leaves0, rule.init(leaves0))
+    (leaves, _), stacked = unroll_steps(
+        step_fn, carry0, rule.xs, steps=steps, remat=remat, python_loop=unroll
+    )
+    adapted = combine(leaves)
     if not return_trajectory:
         return adapted
     if steps == 0:
-        return adapted, jax.tree.map(
-            lambda p: jnp.zeros((0,) + jnp.shape(p), jnp.result_type(p)), params
-        )
-    _, leaf_def = jax.tree.flatten(params)
-    frozen_like = jax.tree.leaves(params)
-    stacked_it = iter(stacked)
-    traj_leaves = [
-        next(stacked_it) if m else jnp.broadcast_to(p, (steps,) + jnp.shape(p))
-        for p, m in zip(frozen_like, mask_leaves, strict=True)
+        empty = lambda p: jnp.zeros((0,) + jnp.shape(p), jnp.result_type(p))
+        return adapted, jax.tree.map(empty, params)
+    it = iter(stacked)  # frozen leaves repeat along the trajectory
+    traj = [
+        next(it) if m else jnp.broadcast_to(p, (steps,) + jnp.shape(p))
+        for p, m in zip(jax.tree.leaves(params), mask_leaves, strict=True)
     ]
-    return adapted, jax.tree.unflatten(leaf_def, traj_leaves)
+    return adapted, jax.tree.unflatten(jax.tree.structure(params), traj)
 
 
-def _index_lr(lr_xs, i):
-    if isinstance(lr_xs, list):
-        return [a[i] for a in lr_xs]
-    return lr_xs[i]
+@functools.cache
+def check_inner_optimizer(optimizer: optax.GradientTransformation) -> None:
+    """Refuses an inner optimizer whose update has no derivative at a zero gradient.
+
+    Second-order meta-gradients differentiate the inner update with respect to the gradient.
+    ``optax.adam`` with its default ``eps_root=0`` divides by :math:`\\sqrt{v}`, whose derivative
+    at :math:`v = 0` is infinite, so the meta-gradient is NaN wherever a support-gradient entry
+    is exactly zero (a dead ReLU unit); optax documents ``eps_root > 0`` for this use. The probe
+    differentiates one update at a zero gradient and checks that the result is finite.
+
+    Example:
+        >>> check_inner_optimizer(optax.adam(0.1, eps_root=1e-8))  # fine: returns None
+        >>> check_inner_optimizer(optax.adam(0.1))
+        Traceback (most recent call last):
+        ValueError: the inner optimizer's update has no derivative at a zero gradient...
+    """
+    with jax.ensure_compile_time_eval():
+        params = jnp.ones(2, jnp.float32)
+        zero = jnp.zeros(2, jnp.float32)
+        first_update = lambda g: optimizer.update(g, optimizer.init(params), params)[0]
+        finite = bool(jnp.all(jnp.isfinite(jax.jacfwd(first_update)(zero))))
+    if not finite:
+        raise ValueError(
+            "the inner optimizer's update has no derivative at a zero gradient, so second-order "
+            "meta-gradients would be NaN wherever a support-gradient entry is exactly zero (e.g. "
+            "optax.adam with its default eps_root=0, through sqrt(v) at v=0): use "
+            "optax.adam(lr, eps_root=1e-8), or first_order=True"
+        )

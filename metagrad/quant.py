@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from metagrad.estimators import straight_through
+from metagrad.stop_gradient import straight_through
 
 BITS_RANGE = (1, 16)
 Axis = int | Sequence[int] | None

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 
-from metagrad.config import Config, ConfigError, validate
+from metagrad.experiment.config import Config, ConfigError, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ConfigStore.instance().store(name="base_config", node=Config)
@@ -105,7 +105,7 @@ def test_model_must_fit_the_task():
 
 
 def test_auto_task_batching_follows_the_model_on_cpu():
-    from metagrad.build import resolve_task_batching
+    from metagrad.experiment.build import resolve_task_batching
 
     assert resolve_task_batching(_compose(["task=omniglot"])) == "map"  # Conv4
     assert resolve_task_batching(_compose([])) == "vmap"  # the sinusoid MLP

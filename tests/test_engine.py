@@ -9,7 +9,8 @@ from jax.flatten_util import ravel_pytree
 
 import metagrad as mg
 import metagrad.nn
-from metagrad.outer import batch_value_and_grad, make_estimator, maml, mamlpp
+from metagrad.estimators import make_estimator, maml, mamlpp
+from metagrad.outer import batch_value_and_grad
 from metagrad.tasks import Task
 
 # --- linear regression: every MAML variant has a closed form -------------------------------------

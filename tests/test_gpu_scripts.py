@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO_ROOT / "experiments"))
 from gpu_omniglot import steps_within  # noqa: E402
 from train import compose_config  # noqa: E402  (experiments/train.py)
 
-from metagrad.config import ConfigError  # noqa: E402
+from metagrad.experiment.config import ConfigError  # noqa: E402
 
 ENV = dict(
     os.environ,
@@ -84,7 +84,7 @@ def test_reptile_preset_keeps_the_papers_protocol():
 def test_linear_outer_schedule_anneals_the_step_to_zero():
     import jax.numpy as jnp
 
-    from metagrad.build import build_optimizer
+    from metagrad.experiment.build import build_optimizer
 
     opt = build_optimizer(compose_preset("reptile_omniglot_5w1s", ["train.steps=4"]))
     state, grad, steps = opt.init(jnp.zeros(())), jnp.ones(()), []

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import CACHE_DIR, REPO_ROOT
 
-from metagrad.config import Config, ConfigError, validate
+from metagrad.experiment.config import Config, ConfigError, validate
 
 # argv: out_dir, process_id, port (process_id -1: one process, no jax.distributed).
 API_SCRIPT = textwrap.dedent("""
@@ -55,7 +55,7 @@ API_SCRIPT = textwrap.dedent("""
         flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.meta_params)])
         out_arrays.update({f"params_{tb}": flat, f"losses_{tb}": np.array(losses)})
     if pid >= 0:  # the decisions every process must take alike
-        from metagrad import distributed
+        from metagrad.experiment import distributed
         assert distributed.agree(pid == 0) is True  # process 0's value everywhere
         distributed.check_same_everywhere("/same/dir", "the run directory")
         try:
@@ -138,7 +138,7 @@ def _final_params(run_dir, like=None):
     saved on four devices needs one to be restored on one)."""
     import orbax.checkpoint as ocp
 
-    from metagrad.checkpoint import Checkpoints
+    from metagrad.experiment.checkpoint import Checkpoints
 
     ckpt = Checkpoints(run_dir)
     args = None if like is None else ocp.args.StandardRestore(like)

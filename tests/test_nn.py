@@ -10,7 +10,7 @@ from flax import nnx
 
 import metagrad as mg
 from metagrad import nn as mnn
-from metagrad.outer import maml, mamlpp
+from metagrad.estimators import maml, mamlpp
 
 
 def test_functional_equals_module_and_is_pure(key):

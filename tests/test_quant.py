@@ -13,7 +13,7 @@ import metagrad as mg
 from metagrad import quant
 from metagrad.nn import MLP, Conv4, conv2d, functional, mse_loss
 from metagrad.nn.quant import QuantConv, QuantConv4, QuantDense, QuantMLP
-from metagrad.outer import MetaGradEstimator, maml
+from metagrad.estimators import MetaGradEstimator, maml
 
 
 def np_rng(key):

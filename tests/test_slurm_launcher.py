@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from metagrad.config import Config, validate
+from metagrad.experiment.config import Config, validate
 
 pytest.importorskip(
     "hydra_plugins.hydra_submitit_launcher",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_train_cli import TINY, cli
 
-from metagrad.config import Config, ConfigError, validate
+from metagrad.experiment.config import Config, ConfigError, validate
 
 
 def read_scalars(folder: Path) -> dict[str, dict[int, float]]:

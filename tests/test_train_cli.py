@@ -49,7 +49,7 @@ def cli(script, *args, check=True, timeout=240):
 
 
 def final_params(run_dir):
-    from metagrad.checkpoint import Checkpoints
+    from metagrad.experiment.checkpoint import Checkpoints
 
     ckpt = Checkpoints(run_dir)
     step = ckpt.latest_step()

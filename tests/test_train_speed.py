@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metagrad import train as mt
-from metagrad.config import Config
+from metagrad.experiment import loop as mt
+from metagrad.experiment.config import Config
 from metagrad.outer import meta_learner
 from metagrad.tasks import sinusoid
 

@@ -8,6 +8,26 @@ import jax.numpy as jnp
 import optax
 
 
+def forward(apply: Callable, params, batch, step=None):
+    """``(outputs, targets)`` for ``batch = (x, y)``, or ``(x, y, context)``: then ``context``
+    (the support inputs) is run in front of ``x`` and the batch-norm statistics come from its
+    rows alone (``MetaBatchNorm(policy="support")``); only ``x``'s outputs are returned."""
+    x, y, *context = batch
+    kwargs = {} if step is None else {"step": step}
+    if context:
+        (ctx,) = context
+        out = apply(params, jnp.concatenate([ctx, x]), stats_rows=ctx.shape[0], **kwargs)
+        return out[ctx.shape[0] :], y
+    return apply(params, x, **kwargs), y
+
+
+def with_support_context(task):
+    """The task with the support inputs appended to its query batch, ``(xq, yq, xs)``, so that
+    a loss normalises query examples with support statistics only (see :func:`forward`)."""
+    (xs, _), (xq, yq) = task.support, task.query
+    return type(task)(task.support, (xq, yq, xs))
+
+
 def mse_loss(apply: Callable) -> Callable:
     r"""``loss_fn(params, (x, y)) = mean((apply(params, x) - y)^2)``.
 
@@ -17,8 +37,7 @@ def mse_loss(apply: Callable) -> Callable:
     """
 
     def loss_fn(params, batch, step=None):
-        x, y = batch
-        pred = apply(params, x) if step is None else apply(params, x, step=step)
+        pred, y = forward(apply, params, batch, step)
         return jnp.mean((pred - y) ** 2)
 
     return loss_fn
@@ -34,8 +53,7 @@ def cross_entropy_loss(apply: Callable) -> Callable:
     """
 
     def loss_fn(params, batch, step=None):
-        x, y = batch
-        logits = apply(params, x) if step is None else apply(params, x, step=step)
+        logits, y = forward(apply, params, batch, step)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
     return loss_fn
@@ -54,7 +72,7 @@ def accuracy(apply: Callable) -> Callable:
     """
 
     def metrics_fn(params, batch):
-        x, y = batch
-        return {"acc": jnp.mean(jnp.argmax(apply(params, x), axis=-1) == y)}
+        logits, y = forward(apply, params, batch)
+        return {"acc": jnp.mean(jnp.argmax(logits, axis=-1) == y)}
 
     return metrics_fn

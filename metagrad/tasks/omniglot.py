@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metagrad.tasks.base import Task
+from metagrad._types import Task
 from metagrad.tasks.omniglot_io import (
     DRAWINGS,
     OmniglotData,

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 
 HALVES = ("images_background", "images_evaluation")
 DRAWINGS = 20
@@ -275,6 +274,8 @@ def _layout(source: _Source) -> dict[tuple[str, int], list[str]]:
 
 
 def _decode(source: _Source, member: str) -> np.ndarray:
+    from PIL import Image  # only a reader of images needs Pillow
+
     data = source.read(member)
     try:
         with Image.open(io.BytesIO(data)) as im:

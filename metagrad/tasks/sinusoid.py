@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from metagrad.tasks.base import Task
+from metagrad._types import Task
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, jnp.pi)

@@ -15,16 +15,11 @@ import optax
 from flax import nnx
 
 from metagrad import nn as mnn
-from metagrad.outer import (
-    MetaGradEstimator,
-    default_task_batching,
-    imaml,
-    maml,
-    mamlpp,
-    reptile,
-)
+from metagrad._types import MetaParams, Task
+from metagrad.estimators import MetaGradEstimator, learned_rates, make_estimator
+from metagrad.nn.losses import with_support_context
+from metagrad.outer import default_task_batching
 from metagrad.tasks import sinusoid
-from metagrad.tasks.base import Task
 
 
 @dataclass
@@ -85,15 +80,21 @@ def omniglot_task_source(cfg) -> TaskSource:
         omniglot.make_sampler(splits[name], ways=t.ways, shots=shots, query=query)
     train_images = jnp.asarray(splits["train"])
 
+    # The "support" batch-norm policy normalises query images with support statistics, so
+    # the query batches carry the support images (metagrad.nn.losses.forward).
+    finish = with_support_context if cfg.model.bn_policy == "support" else (lambda task: task)
+
     def sample_train(images, key, batch_size):
         keys = jax.random.split(key, batch_size)
-        return jax.vmap(
-            lambda k: omniglot.sample_task(images, k, ways=t.ways, shots=t.shots, query=t.query)
-        )(keys)
+        return finish(
+            jax.vmap(
+                lambda k: omniglot.sample_task(images, k, ways=t.ways, shots=t.shots, query=t.query)
+            )(keys)
+        )
 
     def heldout(split, num_tasks, shots, query):
         sampler = omniglot.make_sampler(splits[split], ways=t.ways, shots=shots, query=query)
-        return sampler.sample_batch(jax.random.key(HELDOUT_SEEDS[split]), num_tasks)
+        return finish(sampler.sample_batch(jax.random.key(HELDOUT_SEEDS[split]), num_tasks))
 
     return TaskSource("classification", train_images, sample_train, heldout)
 
@@ -125,18 +126,6 @@ def build_model(cfg, key: jax.Array) -> Model:
     return Model(params, apply, mnn.cross_entropy_loss(apply), mnn.accuracy(apply), step_arg)
 
 
-def initial_lr(cfg, params) -> Any:
-    """Meta-SGD's and MAML++'s learned inner rates, initialised at ``inner.lr``."""
-    a = cfg.algo
-    lead = (cfg.inner.steps,) if a.per_step_lr else ()
-
-    def leaf(p):
-        shape = lead + (p.shape if a.lr_per_element else (1,) * p.ndim)
-        return jnp.full(shape, cfg.inner.lr, jnp.float32)
-
-    return jax.tree.map(leaf, params)
-
-
 def inner_mask(cfg, params):
     """Which parameters adapt (ANIL: the head; optionally not batch norm), or None for all."""
     a = cfg.algo
@@ -145,35 +134,29 @@ def inner_mask(cfg, params):
     return None
 
 
-def build_estimator(cfg, model: Model, *, steps: int | None = None) -> MetaGradEstimator:
+def build_estimator(cfg, model: Model) -> MetaGradEstimator:
+    """The registry's estimator for ``algo.name``, with the inner loop the config describes."""
     a, inner = cfg.algo, cfg.inner
-    steps = inner.steps if steps is None else steps
     kw = dict(
-        steps=steps,
-        lr=None if a.learn_lr else inner.lr,
+        steps=inner.steps,
         remat=inner.remat,
         metrics_fn=model.metrics_fn,
+        mask=inner_mask(cfg, model.params),
     )
-    kw["mask"] = inner_mask(cfg, model.params)
-    if a.name == "reptile":
-        return reptile(**kw)
-    if a.name == "imaml":
-        gn = {}
-        if a.curvature == "gauss_newton":  # the loss split as output_loss(apply(params, x), y)
-            gn = dict(predict_fn=model.apply, output_loss=_output_loss(cfg))
-        return imaml(
-            **kw,
-            reg=a.reg,
-            cg_iters=a.cg_iters,
-            cg_tol=a.cg_tol,
-            damping=a.damping,
-            curvature=a.curvature,
-            **gn,
-        )
-    kw.update(per_step=a.per_step_lr, step_arg=model.step_arg)
+    if not a.learn_lr:  # learned rates come from MetaParams.lr (initial_meta_params)
+        kw["lr"] = inner.lr
+    if a.name in ("maml", "fomaml", "anil", "metasgd", "mamlpp"):
+        kw.update(per_step=a.per_step_lr, step_arg=model.step_arg)
+    if a.name in ("maml", "anil"):
+        kw["first_order"] = a.first_order
     if a.name == "mamlpp":
-        return mamlpp(**kw, anneal_steps=a.msl_anneal_steps, first_order_until=a.first_order_until)
-    return maml(**kw, first_order=a.first_order or a.name == "fomaml")
+        kw.update(anneal_steps=a.msl_anneal_steps, first_order_until=a.first_order_until)
+    if a.name == "imaml":
+        kw.update(reg=a.reg, cg_iters=a.cg_iters, cg_tol=a.cg_tol, damping=a.damping)
+        kw["curvature"] = a.curvature
+        if a.curvature == "gauss_newton":  # the loss split as output_loss(apply(params, x), y)
+            kw.update(predict_fn=model.apply, output_loss=_output_loss(cfg))
+    return make_estimator(a.name, **kw)
 
 
 def _output_loss(cfg) -> Callable:
@@ -199,11 +182,17 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
     return opt
 
 
-def initial_meta_params(cfg, model: Model) -> dict:
-    meta = {"params": model.params}
-    if cfg.algo.learn_lr:
-        meta["lr"] = initial_lr(cfg, model.params)
-    return meta
+def initial_meta_params(cfg, model: Model) -> MetaParams:
+    """The model's initial parameters and, for Meta-SGD and MAML++, learned inner rates
+    initialised at ``inner.lr`` (per entry or per tensor, per step for MAML++)."""
+    a = cfg.algo
+    if not a.learn_lr:
+        return MetaParams(model.params)
+    steps = cfg.inner.steps if a.per_step_lr else None
+    rates = learned_rates(
+        model.params, cfg.inner.lr, per_element=a.lr_per_element, steps=steps, dtype=jnp.float32
+    )
+    return MetaParams(model.params, rates)
 
 
 def resolve_task_batching(cfg) -> str | int:

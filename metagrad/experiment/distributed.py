@@ -29,7 +29,7 @@ def initialize(dist: Any) -> bool:
     already initialized does nothing (a library user may have initialized JAX themselves).
 
     Example:
-        >>> from metagrad.config import DistributedConfig
+        >>> from metagrad.experiment.config import DistributedConfig
         >>> initialize(DistributedConfig(enabled=False))
         False
     """

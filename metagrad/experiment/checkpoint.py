@@ -6,17 +6,12 @@ killed mid-write keeps its previous checkpoint. Arrays are stored as arrays (no 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
-# orbax reports every save and restore at INFO through absl; a training log wants none of it.
-logging.getLogger("absl").setLevel(logging.WARNING)
-logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU here" at INFO
 
 
 class Checkpoints:

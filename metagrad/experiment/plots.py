@@ -6,13 +6,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global backend switch, no display needed
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from metagrad.tasks import sinusoid  # noqa: E402
+from metagrad.tasks import sinusoid
 
 
 def adaptation_figure(exp, meta_params, results: dict, path: Path, num_tasks: int = 3) -> None:
@@ -21,7 +18,8 @@ def adaptation_figure(exp, meta_params, results: dict, path: Path, num_tasks: in
     figure). Every task: the query loss (and accuracy) against inner steps with 95% bands."""
     regression = exp.source.kind == "regression"
     ncols = (num_tasks if regression else 0) + 1
-    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * ncols, 3.6))
+    axes = fig.subplots(1, ncols, squeeze=False)
     axes = axes[0]
     post = results["eval_inner_steps"]
     if regression:
@@ -54,7 +52,6 @@ def adaptation_figure(exp, meta_params, results: dict, path: Path, num_tasks: in
     ax.set_title(f"{exp.cfg.algo.name}: {exp.cfg.eval.tasks} test tasks (95% CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _sinusoid_panels(exp, meta_params, axes, post_steps: int) -> None:

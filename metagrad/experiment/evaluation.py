@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from metagrad.inner import adapt
-from metagrad.tasks.base import Task
+from metagrad._types import Task
+from metagrad.estimators.base import MetaGradEstimator
+from metagrad.inner import with_step
 
 
 def ci95(values: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -26,65 +25,31 @@ def ci95(values: np.ndarray, axis: int = 0) -> np.ndarray:
     return 1.96 * np.std(values, axis=axis, ddof=1) / np.sqrt(n)
 
 
-def extend_per_step(lr: Any, steps: int) -> Any:
-    """A per-step rate pytree with at least ``steps`` entries, repeating the last rate."""
-
-    def pad(a):
-        extra = steps - a.shape[0]
-        return a if extra <= 0 else jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)])
-
-    return jax.tree.map(pad, lr)
-
-
 def make_curve_fn(
+    estimator: MetaGradEstimator,
     loss_fn: Callable,
     metrics_fn: Callable | None,
     *,
     steps: int,
-    lr=None,
-    per_step: bool = False,
-    mask=None,
-    step_arg: bool = False,
-    prox_reg: float | None = None,
     batch_size: int = 100,
 ) -> Callable:
     r"""A jitted ``curves(meta_params, tasks) -> dict`` of per-task curves over inner steps.
 
-    ``curves.path(meta_params, support)`` gives the adapted parameters themselves. For each
-    task, :math:`\ell_i = L(\phi_i; Q)` for :math:`i = 0..` ``steps`` (:math:`\phi_0 =
-    \theta`), plus ``metrics_fn``'s entries, each of shape ``(num_tasks, steps + 1)``. Learned
-    rates come from ``meta_params["lr"]``; with ``prox_reg`` (iMAML) the inner loop minimises
-    :math:`L(\phi; S) + \frac{\lambda}{2}\|\phi - \theta\|^2`, as in training.
+    For each task, :math:`\ell_i = L(\phi_i; Q)` for :math:`i = 0..` ``steps`` (:math:`\phi_0 =
+    \theta`), plus ``metrics_fn``'s entries, each of shape ``(num_tasks, steps + 1)``. The
+    :math:`\phi_i` come from the estimator's own inner loop (:meth:`MetaGradEstimator.adapt`:
+    its rates, mask, per-step settings and, for iMAML, proximal term), so the curve at the
+    training step count is the training objective's post-adaptation loss.
+    ``curves.path(meta_params, support)`` gives the adapted parameters themselves.
     """
+    step_arg = estimator.inner is not None and estimator.inner.step_arg
+    at_step = with_step(loss_fn, step_arg)
 
     def path(meta_params, support):
         """Parameters after 0..steps inner steps, stacked on a leading axis."""
-        theta = meta_params["params"]
-        rate = meta_params.get("lr", lr)
-        inner_loss = loss_fn
-        if prox_reg is not None:
-
-            def inner_loss(p, b):
-                sq = sum(
-                    jnp.sum((x - y) ** 2)
-                    for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(theta), strict=True)
-                )
-                return loss_fn(p, b) + 0.5 * prox_reg * sq
-
-        if steps == 0:
-            return jax.tree.map(lambda t0: t0[None], theta)
-        if per_step:
-            rate = jax.tree.map(lambda a: a[:steps], extend_per_step(rate, steps))
-        _, traj = adapt(
-            inner_loss,
-            theta,
-            support,
-            steps=steps,
-            lr=rate,
-            per_step=per_step,
-            mask=mask,
-            step_arg=step_arg,
-            return_trajectory=True,
+        theta = meta_params.params
+        _, traj = estimator.adapt(
+            loss_fn, meta_params, support, steps=steps, return_trajectory=True
         )
         return jax.tree.map(lambda t0, t: jnp.concatenate([t0[None], t]), theta, traj)
 
@@ -92,8 +57,7 @@ def make_curve_fn(
         idx = jnp.maximum(jnp.arange(steps + 1) - 1, 0)
 
         def at(p, i):
-            loss = loss_fn(p, task.query, i) if step_arg else loss_fn(p, task.query)
-            out = {"loss": loss}
+            out = {"loss": at_step(p, task.query, i)}
             if metrics_fn is not None:
                 out.update(metrics_fn(p, task.query))
             return out

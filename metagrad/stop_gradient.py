@@ -12,10 +12,12 @@ from jax import lax
 def straight_through(f: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
     r"""Straight-through estimator of ``f``: the value of ``f``, the gradient of the identity.
 
-    .. math:: g(x) = \big(x - \operatorname{sg}(x)\big) + \operatorname{sg}\big(f(x)\big)
+    .. math:: g(x) = \operatorname{sg}\big(f(x)\big) - \big(\operatorname{sg}(x) - x\big)
 
-    where :math:`\operatorname{sg}` is ``lax.stop_gradient``. Forward, ``x - sg(x)`` is exactly
-    zero, so ``g(x) == f(x)`` bit for bit. Backward, :math:`g'(x) = 1` and every higher
+    where :math:`\operatorname{sg}` is ``lax.stop_gradient``: the tutorial's
+    :math:`(x - \operatorname{sg}(x)) + \operatorname{sg}(f(x))`, rearranged so that the exact
+    zero is subtracted (:math:`-0 - 0 = -0`, where :math:`0 + (-0) = +0`). Forward, ``g(x) ==
+    f(x)`` bit for bit, signed zeros included (for finite ``x``). Backward, :math:`g'(x) = 1` and every higher
     derivative of ``g`` is zero, consistently at every order, because ``g`` is an ordinary JAX
     expression (a ``custom_vjp`` version would differentiate ``f``'s own forward rule at second
     order and silently return zeros there). The form ``x + sg(f(x) - x)`` has the same
@@ -34,7 +36,7 @@ def straight_through(f: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array
 
     def g(x):
         x = jnp.asarray(x)
-        return (x - lax.stop_gradient(x)) + lax.stop_gradient(f(x))
+        return lax.stop_gradient(f(x)) - (lax.stop_gradient(x) - x)
 
     return g
 

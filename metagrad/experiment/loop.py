@@ -22,12 +22,13 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
-from metagrad import build, distributed
-from metagrad.checkpoint import Checkpoints
-from metagrad.config import ConfigError, validate
-from metagrad.evaluation import make_curve_fn, summarize
+from metagrad._types import MetaParams
+from metagrad.experiment import build, distributed
+from metagrad.experiment.checkpoint import Checkpoints
+from metagrad.experiment.config import ConfigError, validate
+from metagrad.experiment.evaluation import make_curve_fn, summarize
+from metagrad.experiment.runinfo import run_metadata
 from metagrad.outer import MetaState, meta_learner, task_mesh
-from metagrad.runinfo import run_metadata
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,12 +51,12 @@ class Experiment:
     """Everything built from a config: the pieces `train` and ``experiments/eval.py`` share.
 
     Example:
-        >>> from metagrad.config import Config
+        >>> from metagrad.experiment.config import Config
         >>> cfg = Config()
         >>> cfg.model.hidden = [8]
         >>> exp = Experiment.from_config(cfg)
-        >>> exp.estimator.name, exp.source.kind, sorted(exp.meta_params)
-        ('maml', 'regression', ['params'])
+        >>> exp.estimator.name, exp.source.kind, exp.meta_params.lr is None
+        ('maml', 'regression', True)
     """
 
     cfg: Any
@@ -63,7 +64,7 @@ class Experiment:
     source: build.TaskSource
     estimator: Any
     optimizer: Any
-    meta_params: dict
+    meta_params: MetaParams
     _curve_fns: dict = field(default_factory=dict, repr=False)  # steps -> compiled curves
 
     @classmethod
@@ -91,17 +92,11 @@ class Experiment:
     def curve_fn(self, *, steps: int):
         if steps in self._curve_fns:  # one compilation per run, not one per validation
             return self._curve_fns[steps]
-        a = self.cfg.algo
-        mask = build.inner_mask(self.cfg, self.model.params)
         self._curve_fns[steps] = make_curve_fn(
+            self.estimator,
             self.model.loss_fn,
             self.model.metrics_fn,
             steps=steps,
-            lr=None if a.learn_lr else self.cfg.inner.lr,
-            per_step=a.per_step_lr,
-            mask=mask,
-            step_arg=self.model.step_arg,
-            prox_reg=a.reg if a.name == "imaml" else None,
             batch_size=self.cfg.eval.batch_size,
         )
         return self._curve_fns[steps]
@@ -198,13 +193,13 @@ def train(cfg, run_dir: str | Path) -> dict:
     Example:
         The config is checked before anything is built or compiled:
 
-        >>> from metagrad.config import Config
+        >>> from metagrad.experiment.config import Config
         >>> cfg = Config()
         >>> cfg.train.steps, cfg.train.progress = 100, False
         >>> cfg.inner.steps = -1
         >>> train(cfg, "runs/never-written")
         Traceback (most recent call last):
-        metagrad.config.ConfigError: inner.steps=-1: must be >= 0
+        metagrad.experiment.config.ConfigError: inner.steps=-1: must be >= 0
 
         With ``cfg.inner.steps = 1`` this trains (about 15 s here, mostly compilation;
         ``tests/test_train_cli.py`` runs it end to end):
@@ -348,7 +343,7 @@ def evaluate_checkpoint(exp: Experiment, ckpt: Checkpoints, template_state, *, w
 
     Example:
         >>> import tempfile
-        >>> from metagrad.config import Config
+        >>> from metagrad.experiment.config import Config
         >>> cfg = Config()
         >>> cfg.model.hidden, cfg.eval.tasks, cfg.eval.curve_steps = [8], 4, 1
         >>> exp = Experiment.from_config(cfg)
@@ -377,7 +372,7 @@ def write_results(exp: Experiment, run_dir: Path, results: dict, name: str) -> N
 
     Example:
         >>> import tempfile
-        >>> from metagrad.config import Config
+        >>> from metagrad.experiment.config import Config
         >>> cfg = Config()
         >>> cfg.model.hidden, cfg.eval.figure = [8], False
         >>> exp = Experiment.from_config(cfg)
@@ -394,6 +389,6 @@ def write_results(exp: Experiment, run_dir: Path, results: dict, name: str) -> N
     meta_params = results.pop("_meta_params")
     (run_dir / name).write_text(json.dumps(results, indent=2))
     if exp.cfg.eval.figure:
-        from metagrad.plots import adaptation_figure
+        from metagrad.experiment.plots import adaptation_figure
 
         adaptation_figure(exp, meta_params, results, run_dir / name.replace(".json", ".png"))

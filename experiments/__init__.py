@@ -1,0 +1,1 @@
+"""metagrad's Hydra entry points (train, eval, summarize), benchmarks and device scripts."""
