@@ -33,3 +33,12 @@ def test_second_derivative_is_consistent_not_silently_zero():
     assert float(jax.grad(loss)(2.7)) == 6.0
     assert float(jax.grad(jax.grad(loss))(2.7)) == 2.0
     assert float(mg.hessian(lambda x: jnp.sum(q(x) ** 2))(jnp.array([2.7, -1.2]))[0, 0]) == 2.0
+
+
+def test_signed_zero_is_kept_bit_for_bit():
+    # (x - sg(x)) + sg(f(x)) turns f's -0.0 into +0.0 (0 + -0 = +0); ours subtracts the zero.
+    x = jnp.array([1.0, -2.0, 0.0, -0.0], jnp.float32)
+    f = lambda z: -0.0 * jnp.abs(z)
+    out = mg.straight_through(f)(x)
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(f(x)))
+    assert bool(np.all(np.signbit(out)))
