@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from metagrad._types import LossFn, MetricsFn, PyTree
 from metagrad.estimators.base import InnerLoop, MetaGradEstimator, adaptation_metrics, query_loss
-from metagrad.inner import adapt
+from metagrad.inner import adapt, check_inner_optimizer
 
 
 def meta_loss(
@@ -73,6 +73,8 @@ def maml(
         -2.56
     """
     inner = InnerLoop(steps=steps, lr=lr, **inner_kwargs)
+    if inner.optimizer is not None and not first_order:  # differentiated through
+        check_inner_optimizer(inner.optimizer)
 
     def objective(loss_fn, meta_params, task, step, fo=first_order):
         adapted = inner.run(loss_fn, meta_params, task.support, first_order=fo)

@@ -9,7 +9,7 @@ from jax import lax
 
 from metagrad._types import MetricsFn
 from metagrad.estimators.base import InnerLoop, MetaGradEstimator, adaptation_metrics
-from metagrad.inner import with_step
+from metagrad.inner import check_inner_optimizer, with_step
 
 
 def msl_weights(step, *, steps: int, anneal_steps: int, dtype=jnp.float32) -> jax.Array:
@@ -70,6 +70,8 @@ def mamlpp(
         raise ValueError("mamlpp needs steps >= 1")
     if anneal_steps < 0 or first_order_until < 0:
         raise ValueError("mamlpp: anneal_steps and first_order_until must be >= 0")
+    if inner.optimizer is not None:
+        check_inner_optimizer(inner.optimizer)
 
     def objective(loss_fn, meta_params, task, step, fo=False):
         adapted, traj = inner.run(
