@@ -8,9 +8,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from metagrad._types import LossFn, MetaParams, PyTree, Task
+from metagrad._types import LossFn, PyTree, Task
 from metagrad.estimators.base import MetaGradEstimator
-
 
 
 def check_meta_grad(

@@ -17,7 +17,6 @@ from jax import lax
 
 from metagrad._types import LossFn, PyTree
 
-
 # --- which parameters adapt ------------------------------------------------------------------
 
 

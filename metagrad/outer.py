@@ -19,7 +19,6 @@ from jax import lax
 from metagrad._types import LossFn, MetaParams, Task
 from metagrad.estimators.base import MetaGradEstimator
 
-
 TASK_BATCHING = ("vmap", "map")
 
 
@@ -152,8 +151,8 @@ def task_mesh(devices: int | str = "all") -> jax.sharding.Mesh:
     """A one-axis mesh (``"tasks"``) over the first ``devices`` devices (or all).
 
     The devices are ``jax.devices()``: the local ones in a single process, every process's in a
-    multi-host run (see :mod:`metagrad.experiment.distributed`), where ``"all"`` is the one choice that gives
-    each process a share.
+    multi-host run (see :mod:`metagrad.experiment.distributed`), where ``"all"`` is the one
+    choice that gives each process a share.
     """
     devs = jax.devices()
     n = len(devs) if str(devices) == "all" else int(devices)

@@ -17,11 +17,11 @@ def straight_through(f: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array
     where :math:`\operatorname{sg}` is ``lax.stop_gradient``: the tutorial's
     :math:`(x - \operatorname{sg}(x)) + \operatorname{sg}(f(x))`, rearranged so that the exact
     zero is subtracted (:math:`-0 - 0 = -0`, where :math:`0 + (-0) = +0`). Forward, ``g(x) ==
-    f(x)`` bit for bit, signed zeros included (for finite ``x``). Backward, :math:`g'(x) = 1` and every higher
-    derivative of ``g`` is zero, consistently at every order, because ``g`` is an ordinary JAX
-    expression (a ``custom_vjp`` version would differentiate ``f``'s own forward rule at second
-    order and silently return zeros there). The form ``x + sg(f(x) - x)`` has the same
-    derivatives but is not exact in floating point.
+    f(x)`` bit for bit, signed zeros included (for finite ``x``). Backward, :math:`g'(x) = 1`
+    and every higher derivative of ``g`` is zero, consistently at every order, because ``g`` is
+    an ordinary JAX expression (a ``custom_vjp`` version would differentiate ``f``'s own forward
+    rule at second order and silently return zeros there). The form ``x + sg(f(x) - x)`` has
+    the same derivatives but is not exact in floating point.
 
     Args:
         f: an elementwise function (rounding, sign, a quantizer) from an array to an array of

@@ -69,7 +69,9 @@ class MetaGradEstimator(NamedTuple):
                 raise ValueError(f"estimator {self.name!r} has no inner loop to run {steps} steps")
             check_meta_params(meta_params)
             theta = meta_params.params
-            empty = jax.tree.map(lambda p: jnp.zeros((0,) + jnp.shape(p), jnp.result_type(p)), theta)
+            empty = jax.tree.map(
+                lambda p: jnp.zeros((0,) + jnp.shape(p), jnp.result_type(p)), theta
+            )
             return (theta, empty) if return_trajectory else theta
         return self.inner.run(
             loss_fn, meta_params, support, steps=steps, return_trajectory=return_trajectory
@@ -80,6 +82,7 @@ class MetaGradEstimator(NamedTuple):
         check_meta_params(meta_params)
         if self.inner is not None:
             self.inner.rates(meta_params)
+
 
 @dataclass(frozen=True)
 class InnerLoop:

@@ -93,7 +93,9 @@ def imaml(
         # Exact as a function of theta only when the inner problem is solved to convergence.
         adapted = inner.run(loss_fn, meta_params, task.support, first_order=False)
         loss = loss_fn(adapted, task.query)
-        return loss, adaptation_metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn, loss)
+        return loss, adaptation_metrics(
+            loss_fn, inner, meta_params, adapted, task, metrics_fn, loss
+        )
 
     def value_and_grad(loss_fn, meta_params, task, step):
         inner.rates(meta_params)  # checks meta_params

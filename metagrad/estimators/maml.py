@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from metagrad._types import LossFn, MetricsFn, PyTree
 from metagrad.estimators.base import InnerLoop, MetaGradEstimator, adaptation_metrics, query_loss
@@ -79,7 +78,9 @@ def maml(
     def objective(loss_fn, meta_params, task, step, fo=first_order):
         adapted = inner.run(loss_fn, meta_params, task.support, first_order=fo)
         loss = query_loss(loss_fn, inner, adapted, task.query, max(steps - 1, 0))
-        return loss, adaptation_metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn, loss)
+        return loss, adaptation_metrics(
+            loss_fn, inner, meta_params, adapted, task, metrics_fn, loss
+        )
 
     def value_and_grad(loss_fn, meta_params, task, step):
         return jax.value_and_grad(objective, argnums=1, has_aux=True)(

@@ -49,7 +49,9 @@ def reptile(
     def objective(loss_fn, meta_params, task, step):
         adapted = inner.run(loss_fn, meta_params, task.support, first_order=False)
         loss = query_loss(loss_fn, inner, adapted, task.query, steps - 1)
-        return loss, adaptation_metrics(loss_fn, inner, meta_params, adapted, task, metrics_fn, loss)
+        return loss, adaptation_metrics(
+            loss_fn, inner, meta_params, adapted, task, metrics_fn, loss
+        )
 
     def value_and_grad(loss_fn, meta_params, task, step):
         theta = meta_params.params

@@ -9,8 +9,8 @@ finishes with a held-out test evaluation written to ``metrics.json``.
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from metagrad.experiment.checkpoint import Checkpoints
 from metagrad.experiment.config import ConfigError, validate
 from metagrad.experiment.evaluation import make_curve_fn, summarize
 from metagrad.experiment.runinfo import run_metadata
+from metagrad.experiment.runlog import RunLock, RunLog, write_json
 from metagrad.outer import MetaState, meta_learner, task_mesh
 
 
@@ -165,15 +166,96 @@ def _chunk_fn(exp: Experiment, learner, presample_bytes: int = PRESAMPLE_BYTES):
     return run
 
 
-def _log(path: Path, record: dict, tensorboard=None) -> None:
-    """Appends ``record`` to the JSON lines log and, given a writer, its numbers as TensorBoard
-    scalars ``{kind}/{name}`` at ``record["step"]`` (lists such as curves stay in the log)."""
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    if tensorboard is not None:
-        for name, value in record.items():
-            if name not in ("step", "kind") and isinstance(value, int | float):
-                tensorboard.add_scalar(f"{record['kind']}/{name}", value, record["step"])
+class ChunkRunner:
+    """Runs ``n`` meta-steps in one compiled call, compiling each chunk length once, ahead of
+    time, so that speed and compile time are measured apart."""
+
+    def __init__(self, exp: Experiment, learner, data):
+        self._jit, self._data, self._compiled = _chunk_fn(exp, learner), data, {}
+        self.compile_seconds = 0.0
+
+    def __call__(self, state: MetaState, n: int):
+        marker = jnp.zeros((n, 0))
+        if n not in self._compiled:
+            tic = time.perf_counter()
+            self._compiled[n] = self._jit.lower(state, self._data, marker).compile()
+            self.compile_seconds += time.perf_counter() - tic
+        return self._compiled[n](state, self._data, marker)
+
+
+@dataclass
+class Run:
+    """A run that has been accepted and set up: what the loop of :func:`train` needs."""
+
+    exp: Experiment
+    learner: Any
+    ckpt: Checkpoints
+    state: MetaState
+    best_val: np.ndarray
+    log: RunLog | None  # None on the processes of a multi-host run that do not write
+    run_dir: Path
+
+
+def start_run(cfg, run_dir: Path, *, primary: bool) -> Run:
+    """Builds the run, restores its checkpoint when resuming, and opens its log.
+
+    Refuses (before writing anything) to start over a directory that holds checkpoints without
+    ``train.resume``, and to resume a directory that holds none.
+    """
+    exp = Experiment.from_config(cfg)
+    t = cfg.train
+    ckpt = Checkpoints(run_dir)
+    latest = ckpt.latest_step()
+    if latest is not None and not t.resume:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints; pass train.resume=true to "
+            "continue that run, or choose a new run directory"
+        )
+    if latest is None and t.resume:
+        raise FileNotFoundError(
+            f"train.resume=true, but {run_dir} holds no checkpoint to resume: check the "
+            "path, or drop train.resume to start a new run there"
+        )
+    learner = meta_learner(
+        exp.model.loss_fn,
+        exp.estimator,
+        exp.optimizer,
+        task_batching=build.resolve_task_batching(cfg),
+        jit=False,
+        devices=t.devices,
+    )
+    state = learner.init(exp.meta_params)
+    if jax.process_count() > 1:  # orbax saves and restores global arrays
+        state = distributed.replicate(state, task_mesh(t.devices))
+    best_val = np.array(np.inf)
+    if latest is not None:
+        _, state, extra = ckpt.restore(state, extra={"best_val": best_val})
+        best_val = extra["best_val"]
+    log = None
+    if primary:
+        write_json(run_dir / "run_info.json", run_metadata())
+        tensorboard = None
+        if t.tensorboard:
+            from tensorboardX import SummaryWriter  # optional; validate() checked it is there
+
+            tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10)
+        resume_step = int(state.step) if latest is not None else None
+        log = RunLog(run_dir / "metrics.jsonl", tensorboard=tensorboard, resume_step=resume_step)
+    return Run(exp, learner, ckpt, state, best_val, log, run_dir)
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+def _diverged(run: Run, what: str, steps: str) -> NonFiniteLoss:
+    kept = run.ckpt.latest_step()
+    where = (
+        f"the last good checkpoint (step {kept}) is kept in {run.run_dir / 'checkpoints'}"
+        if kept is not None
+        else "no checkpoint had been written yet"
+    )
+    return NonFiniteLoss(f"{what} in meta-steps {steps}; {where}")
 
 
 def train(cfg, run_dir: str | Path) -> dict:
@@ -212,119 +294,89 @@ def train(cfg, run_dir: str | Path) -> dict:
     validate(cfg)
     distributed.initialize(cfg.distributed)  # before anything else starts a JAX backend
     primary = distributed.is_primary()  # only process 0 writes logs, metrics and figures
-    exp = Experiment.from_config(cfg)
-    t = cfg.train
-    run_dir.mkdir(parents=True, exist_ok=True)
     distributed.check_same_everywhere(str(run_dir.absolute()), "the run directory")
-    ckpt = Checkpoints(run_dir)
-    learner = meta_learner(
-        exp.model.loss_fn,
-        exp.estimator,
-        exp.optimizer,
-        task_batching=build.resolve_task_batching(cfg),
-        jit=False,
-        devices=t.devices,
-    )
-    state = learner.init(exp.meta_params)
-    if jax.process_count() > 1:  # orbax saves and restores global arrays
-        state = distributed.replicate(state, task_mesh(t.devices))
-    best_val = np.array(np.inf)
-    log_path = run_dir / "metrics.jsonl"
-    if ckpt.latest_step() is not None:
-        if not t.resume:
-            raise FileExistsError(
-                f"{run_dir} already holds checkpoints; pass train.resume=true to "
-                "continue that run, or choose a new run directory"
-            )
-        _, state, extra = ckpt.restore(state, extra={"best_val": best_val})
-        best_val = extra["best_val"]
-    if primary:
-        (run_dir / "run_info.json").write_text(json.dumps(run_metadata(), indent=2))
-    tensorboard = None
-    if t.tensorboard and primary:
-        from tensorboardX import SummaryWriter  # optional; validate() checked it is installed
+    created = not run_dir.exists()
+    lock = RunLock(run_dir).acquire() if primary else None  # one writer per run directory
+    try:
+        run = start_run(cfg, run_dir, primary=primary)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if created and primary:  # a refused run leaves no directory behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    try:
+        return _train(cfg, run, primary)
+    finally:
+        if lock is not None:
+            lock.release()
 
-        tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10)
 
-    chunk_jit = _chunk_fn(exp, learner)
-    compiled: dict[int, Any] = {}
-    data = exp.source.train_data
-    compile_seconds = 0.0
-
-    def run_chunk(state, n):  # compiled ahead of time, so speed and compile time are separate
-        nonlocal compile_seconds
-        marker = jnp.zeros((n, 0))
-        if n not in compiled:
-            tic = time.perf_counter()
-            compiled[n] = chunk_jit.lower(state, data, marker).compile()
-            compile_seconds += time.perf_counter() - tic
-        return compiled[n](state, data, marker)
-
-    start = int(state.step)
+def _train(cfg, run: Run, primary: bool) -> dict:
+    t, exp, run_dir = cfg.train, run.exp, run.run_dir
+    chunks = ChunkRunner(exp, run.learner, exp.source.train_data)
+    state, best_val = run.state, run.best_val
     bar = tqdm(
         total=t.steps,
-        initial=start,
+        initial=int(state.step),
         disable=not (t.progress and primary),
         desc="meta-train",
         unit="step",
         dynamic_ncols=True,
     )
     timed_steps, timed_seconds = 0, 0.0
-    step = start
+    step = int(state.step)
     while step < t.steps:
         n = min(t.chunk_steps, t.steps - step)
-        before = compile_seconds
+        before = chunks.compile_seconds
         tic = time.perf_counter()
-        new_state, metrics = run_chunk(state, n)
+        new_state, metrics = chunks(state, n)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        seconds = time.perf_counter() - tic - (compile_seconds - before)
-        if not math.isfinite(metrics["meta_loss"]):
+        seconds = time.perf_counter() - tic - (chunks.compile_seconds - before)
+        bad = [k for k in ("meta_loss", "grad_norm") if not math.isfinite(metrics[k])]
+        if bad or not _all_finite(new_state.meta_params):
             bar.close()
-            kept = ckpt.latest_step()
-            where = (
-                f"the last good checkpoint (step {kept}) is kept in {run_dir / 'checkpoints'}"
-                if kept is not None
-                else "no checkpoint had been written yet"
+            what = (
+                f"{bad[0]} became {metrics[bad[0]]}" if bad else "meta-parameters turned non-finite"
             )
-            raise NonFiniteLoss(
-                f"meta-loss became {metrics['meta_loss']} in meta-steps {step}..{step + n}; {where}"
-            )
+            raise _diverged(run, what, f"{step}..{step + n}")
         timed_steps, timed_seconds = timed_steps + n, timed_seconds + seconds
         state, step = new_state, step + n
         bar.update(n)
         bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
         if primary:
-            record = {"step": step, "kind": "train", "seconds": seconds, **metrics}
-            _log(log_path, record, tensorboard)
+            run.log.write({"step": step, "kind": "train", "seconds": seconds, **metrics})
         if step % t.eval_every == 0 or step == t.steps:
             val = exp.evaluate(state.meta_params, "val", cfg.eval.val_tasks, "val")
             if primary:
-                _log(log_path, {"step": step, "kind": "val", **val}, tensorboard)
+                run.log.write({"step": step, "kind": "val", **val})
             # The validation objective, lower is better: query loss, or minus accuracy.
             score = -val["val_acc_post"] if "val_acc_post" in val else val["val_loss_post"]
+            if not math.isfinite(score):
+                bar.close()
+                raise _diverged(run, f"the validation objective became {score}", f"..{step}")
             if distributed.agree(bool(score < best_val)):  # saving is collective
                 best_val = np.array(score)
-                ckpt.save_best(step, state, best_val=best_val)
+                run.ckpt.save_best(step, state, best_val=best_val)
         if step % t.checkpoint_every == 0 or step == t.steps:
-            ckpt.save_last(step, state, best_val=best_val)
+            run.ckpt.save_last(step, state, best_val=best_val)
     bar.close()
-    if ckpt.latest_step() is None:  # train.steps == 0: still leave a checkpoint to evaluate
-        ckpt.save_last(step, state, best_val=best_val)
-    if ckpt.latest_step("best") is None:
-        ckpt.save_best(step, state, best_val=best_val)
+    if run.ckpt.latest_step() is None:  # train.steps == 0: still leave a checkpoint to evaluate
+        run.ckpt.save_last(step, state, best_val=best_val)
+    if run.ckpt.latest_step("best") is None:
+        run.ckpt.save_best(step, state, best_val=best_val)
 
-    results = evaluate_checkpoint(exp, ckpt, state, which=cfg.eval.checkpoint)
+    results = evaluate_checkpoint(exp, run.ckpt, state, which=cfg.eval.checkpoint)
     speed = timed_steps / timed_seconds if timed_seconds > 0 else None
     results.update(
         steps_per_sec=speed,
-        compile_seconds=compile_seconds,
+        compile_seconds=chunks.compile_seconds,
         train_steps=int(state.step),
         val_objective=float(best_val),
     )
-    ckpt.close()
-    if tensorboard is not None:
-        tensorboard.close()
+    run.ckpt.close()
     if primary:
+        run.log.close()
         write_results(exp, run_dir, results, "metrics.json")
     else:
         results.pop("_meta_params")
@@ -387,7 +439,7 @@ def write_results(exp: Experiment, run_dir: Path, results: dict, name: str) -> N
         False
     """
     meta_params = results.pop("_meta_params")
-    (run_dir / name).write_text(json.dumps(results, indent=2))
+    write_json(run_dir / name, results)
     if exp.cfg.eval.figure:
         from metagrad.experiment.plots import adaptation_figure
 
