@@ -9,6 +9,7 @@ finishes with a held-out test evaluation written to ``metrics.json``.
 
 from __future__ import annotations
 
+import errno
 import math
 import shutil
 import time
@@ -19,12 +20,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from tqdm.auto import tqdm
 
 from metagrad._types import MetaParams
 from metagrad.experiment import build, distributed
 from metagrad.experiment.checkpoint import Checkpoints
+from metagrad.experiment.chunks import ChunkRunner
 from metagrad.experiment.config import ConfigError, validate
 from metagrad.experiment.evaluation import make_curve_fn, summarize
 from metagrad.experiment.runinfo import run_metadata
@@ -129,60 +130,6 @@ def _in_blocks(curves_fn, meta_params, tasks, block: int) -> dict:
     return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *parts)
 
 
-# A chunk's tasks up to this size are drawn before its scan, in one call batched over steps: on
-# CPU the PRNG (threefry, lowered as rolled loops) then runs once per chunk, not once per step,
-# where sampling took about a quarter of a sinusoid meta-step and slowed its compilation.
-PRESAMPLE_BYTES = 64 * 2**20
-
-
-def _chunk_fn(exp: Experiment, learner, presample_bytes: int = PRESAMPLE_BYTES):
-    """One compiled call: ``n`` meta-steps with tasks sampled on the device.
-
-    Step ``s`` trains on ``sample_train(data, fold_in(base_key, s))`` however the tasks are drawn:
-    for the whole chunk ahead of the scan when they fit in ``presample_bytes``, else inside
-    each step (Omniglot's images). Both give the same tasks, bit for bit.
-    """
-    batch = exp.cfg.train.meta_batch_size
-    base_key = jax.random.key(exp.cfg.seed + 1)
-
-    def tasks_at(data, step):
-        key = jax.random.fold_in(base_key, step)  # the stream depends on the step only
-        return exp.source.sample_train(data, key, batch)
-
-    @jax.jit
-    def run(state: MetaState, data, n_steps_marker: jax.Array):
-        n = n_steps_marker.shape[0]
-        one_step = jax.eval_shape(tasks_at, data, state.step)
-        step_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one_step))
-        if n * step_bytes <= presample_bytes:
-            steps = state.step + jnp.arange(n, dtype=state.step.dtype)
-            tasks = jax.vmap(tasks_at, in_axes=(None, 0))(data, steps)
-            state, metrics = lax.scan(learner.update, state, tasks)
-        else:
-            body = lambda state, _: learner.update(state, tasks_at(data, state.step))
-            state, metrics = lax.scan(body, state, None, length=n)
-        return state, jax.tree.map(jnp.mean, metrics)
-
-    return run
-
-
-class ChunkRunner:
-    """Runs ``n`` meta-steps in one compiled call, compiling each chunk length once, ahead of
-    time, so that speed and compile time are measured apart."""
-
-    def __init__(self, exp: Experiment, learner, data):
-        self._jit, self._data, self._compiled = _chunk_fn(exp, learner), data, {}
-        self.compile_seconds = 0.0
-
-    def __call__(self, state: MetaState, n: int):
-        marker = jnp.zeros((n, 0))
-        if n not in self._compiled:
-            tic = time.perf_counter()
-            self._compiled[n] = self._jit.lower(state, self._data, marker).compile()
-            self.compile_seconds += time.perf_counter() - tic
-        return self._compiled[n](state, self._data, marker)
-
-
 @dataclass
 class Run:
     """A run that has been accepted and set up: what the loop of :func:`train` needs."""
@@ -229,7 +176,7 @@ def start_run(cfg, run_dir: Path, *, primary: bool) -> Run:
         state = distributed.replicate(state, task_mesh(t.devices))
     best_val = np.array(np.inf)
     if latest is not None:
-        _, state, extra = ckpt.restore(state, extra={"best_val": best_val})
+        _, state, extra = ckpt.restore(state, extra={"best_val": best_val}, fall_back=True)
         best_val = extra["best_val"]
     log = None
     if primary:
@@ -307,14 +254,46 @@ def train(cfg, run_dir: str | Path) -> dict:
         raise
     try:
         return _train(cfg, run, primary)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_stopped_at(run, "interrupted")) from None
+    except OSError as err:
+        if not _is_disk_full(err):
+            raise
+        raise DiskFull(_stopped_at(run, f"no space left on the device ({err})")) from None
     finally:
         if lock is not None:
             lock.release()
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) during training; the message says where it stopped and how to resume."""
+
+
+class DiskFull(RuntimeError):
+    """A write failed with ENOSPC; the last good checkpoint is kept."""
+
+
+def _is_disk_full(err: BaseException | None) -> bool:
+    while err is not None:  # orbax may wrap the OSError
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _stopped_at(run: Run, why: str) -> str:
+    kept = run.ckpt.latest_step()
+    where = f"checkpoint at step {kept} kept" if kept is not None else "no checkpoint written yet"
+    return (
+        f"{why}: {where} in {run.run_dir}; continue with train.resume=true "
+        f"hydra.run.dir={run.run_dir}"
+    )
+
+
 def _train(cfg, run: Run, primary: bool) -> dict:
     t, exp, run_dir = cfg.train, run.exp, run.run_dir
-    chunks = ChunkRunner(exp, run.learner, exp.source.train_data)
+    memory_check = getattr(t, "memory_check", True)
+    chunks = ChunkRunner(exp, run.learner, exp.source.train_data, memory_check=memory_check)
     state, best_val = run.state, run.best_val
     bar = tqdm(
         total=t.steps,

@@ -307,15 +307,43 @@ def _concat(parts: list[OmniglotData]) -> OmniglotData:
 
 
 def _read_cache(path: Path) -> OmniglotData | None:
-    """The cached arrays, or None when absent or unreadable (then they are rebuilt)."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = OmniglotData(*(npz[f] for f in OmniglotData._fields))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    """The cached arrays, or None when absent or damaged (then they are rebuilt, with a warning
+    for a damaged one). The file's sha256, written beside it, is checked before it is read."""
+    if not path.exists():
         return None
-    n, shape = len(data.images), (DRAWINGS, IMAGE_SIZE, IMAGE_SIZE)
-    ok = data.images.dtype == np.uint8 and data.images.shape[1:] == shape
-    return data if ok and all(len(a) == n for a in data[1:]) else None
+    sums = _checksum_path(path)
+    try:
+        intact = sums.read_text().strip() == _file_sha256(path)
+    except OSError:
+        intact = False
+    data = None
+    if intact:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                data = OmniglotData(*(npz[f] for f in OmniglotData._fields))
+        except Exception:  # a damaged npz fails in zlib, zipfile, numpy's header parser, ...
+            data = None
+    if data is not None:
+        n, shape = len(data.images), (DRAWINGS, IMAGE_SIZE, IMAGE_SIZE)
+        ok = data.images.dtype == np.uint8 and data.images.shape[1:] == shape
+        if ok and all(len(a) == n for a in data[1:]):
+            return data
+    warnings.warn(
+        f"the Omniglot cache {path} is damaged; rebuilding it from the zips", stacklevel=3
+    )
+    return None
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _write_cache(path: Path, data: OmniglotData) -> None:
@@ -326,6 +354,7 @@ def _write_cache(path: Path, data: OmniglotData) -> None:
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
             tmp = f.name
             np.savez_compressed(f, **data._asdict())
+        _checksum_path(path).write_text(_file_sha256(Path(tmp)))  # before the data is visible
         os.replace(tmp, path)
     except OSError as err:
         warnings.warn(

@@ -1,0 +1,113 @@
+"""The compiled unit of training: a chunk of meta-steps in one call (a ``lax.scan`` with task
+sampling on the device), compiled ahead of time and checked against the device's memory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from metagrad.outer import MetaState
+
+# A chunk's tasks up to this size are drawn before its scan, in one call batched over steps: on
+# CPU the PRNG (threefry, lowered as rolled loops) then runs once per chunk, not once per step,
+# where sampling took about a quarter of a sinusoid meta-step and slowed its compilation.
+PRESAMPLE_BYTES = 64 * 2**20
+
+
+def _chunk_fn(exp, learner, presample_bytes: int = PRESAMPLE_BYTES):
+    """One compiled call: ``n`` meta-steps with tasks sampled on the device.
+
+    Step ``s`` trains on ``sample_train(data, fold_in(base_key, s))`` however the tasks are drawn:
+    for the whole chunk ahead of the scan when they fit in ``presample_bytes``, else inside
+    each step (Omniglot's images). Both give the same tasks, bit for bit.
+    """
+    batch = exp.cfg.train.meta_batch_size
+    base_key = jax.random.key(exp.cfg.seed + 1)
+
+    def tasks_at(data, step):
+        key = jax.random.fold_in(base_key, step)  # the stream depends on the step only
+        return exp.source.sample_train(data, key, batch)
+
+    @jax.jit
+    def run(state: MetaState, data, n_steps_marker: jax.Array):
+        n = n_steps_marker.shape[0]
+        one_step = jax.eval_shape(tasks_at, data, state.step)
+        step_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one_step))
+        if n * step_bytes <= presample_bytes:
+            steps = state.step + jnp.arange(n, dtype=state.step.dtype)
+            tasks = jax.vmap(tasks_at, in_axes=(None, 0))(data, steps)
+            state, metrics = lax.scan(learner.update, state, tasks)
+        else:
+            body = lambda state, _: learner.update(state, tasks_at(data, state.step))
+            state, metrics = lax.scan(body, state, None, length=n)
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return run
+
+
+class MemoryEstimateError(RuntimeError):
+    """The compiled meta-step needs more memory than the device has (``train.memory_check``)."""
+
+
+def available_memory() -> int | None:
+    """Bytes the default device can still allocate: the accelerator's limit, or on CPU the host's
+    ``MemAvailable`` (None where neither is known)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_estimate(compiled) -> int | None:
+    """XLA's estimate of a compiled program's memory: arguments, outputs and temporaries."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - (m.alias_size_in_bytes)
+    )
+
+
+class ChunkRunner:
+    """Runs ``n`` meta-steps in one compiled call, compiling each chunk length once, ahead of
+    time, so that speed and compile time are measured apart. With ``memory_check`` a chunk whose
+    memory estimate exceeds what the device has is refused before it runs."""
+
+    def __init__(self, exp, learner, data, *, memory_check: bool = True):
+        self._jit, self._data, self._compiled = _chunk_fn(exp, learner), data, {}
+        self.compile_seconds, self.memory_check = 0.0, memory_check
+
+    def __call__(self, state: MetaState, n: int):
+        marker = jnp.zeros((n, 0))
+        if n not in self._compiled:
+            tic = time.perf_counter()
+            compiled = self._jit.lower(state, self._data, marker).compile()
+            self.compile_seconds += time.perf_counter() - tic
+            if self.memory_check:
+                _check_memory(compiled)
+            self._compiled[n] = compiled
+        return self._compiled[n](state, self._data, marker)
+
+
+def _check_memory(compiled) -> None:
+    need, have = memory_estimate(compiled), available_memory()
+    if need is not None and have is not None and need > have:
+        raise MemoryEstimateError(
+            f"the compiled meta-step needs about {need / 2**30:.1f} GiB (XLA's estimate) and "
+            f"{have / 2**30:.1f} GiB are available: lower train.meta_batch_size, task.shots or "
+            "task.query, use train.task_batching=map, or pass train.memory_check=false if you "
+            "know better"
+        )
