@@ -71,8 +71,10 @@ print("support x, y:", task.support[0].shape, task.support[1].shape)
 #
 # `mg.meta_learner(loss_fn, estimator, optimizer)` is an `(init, update)` pair: `update(state,
 # tasks)` averages the estimator's meta-gradient over a batch of tasks (a leading task axis) and
-# applies the optimizer. We scan it over the meta-steps inside one compiled function, sampling
-# the tasks on the device from the step's key.
+# applies the optimizer. What it learns is a `mg.MetaParams(params, lr=None)`: the initial
+# parameters and, for estimators that meta-learn them (Meta-SGD, MAML++), the inner rates; its
+# meta-gradients come back in the same form. We scan it over the meta-steps inside one compiled
+# function, sampling the tasks on the device from the step's key.
 
 
 # %%
@@ -88,8 +90,8 @@ def meta_train(estimator, key):
 
         return jax.lax.scan(step, learner.init(meta_params), keys)
 
-    state, losses = run({"params": params}, jax.random.split(key, meta_steps))
-    return state.meta_params["params"], np.asarray(losses)
+    state, losses = run(mg.MetaParams(params), jax.random.split(key, meta_steps))
+    return state.meta_params.params, np.asarray(losses)
 
 
 train_key = jax.random.key(seed + 1)
@@ -182,7 +184,7 @@ plt.show()
 # %%
 one_task = sinusoid.sample_task(jax.random.key(seed + 2), shots=shots, query=shots)
 check = lambda est: mg.check_meta_grad(
-    est, loss_fn, {"params": theta_maml}, one_task, num_directions=fd_directions
+    est, loss_fn, mg.MetaParams(theta_maml), one_task, num_directions=fd_directions
 )
 err_maml = check(mg.maml(steps=1, lr=inner_lr))
 err_fomaml = check(mg.fomaml(steps=1, lr=inner_lr))

@@ -104,7 +104,7 @@ def meta_train_and_test(bits):
             return learner.update(state, batch)[0], None
 
         state, _ = jax.lax.scan(step, learner.init(meta_params), keys)
-        theta = state.meta_params["params"]
+        theta = state.meta_params.params
 
         def test(task):
             adapted = mg.adapt(loss_fn, theta, task.support, steps=1, lr=inner_lr)
@@ -114,7 +114,7 @@ def meta_train_and_test(bits):
         return theta, jnp.mean(pre), jnp.mean(post)
 
     keys = jax.random.split(jax.random.key(seed + 1), meta_steps)
-    theta, pre, post = run({"params": params}, keys, test_tasks)
+    theta, pre, post = run(mg.MetaParams(params), keys, test_tasks)
     return {"model": model, "init": params, "theta": theta, "pre": float(pre), "post": float(post)}
 
 

@@ -125,7 +125,7 @@ def meta_step(state, images, key):
 
 
 train_images = jnp.asarray(splits["train"])
-state = learner.init({"params": params})
+state = learner.init(mg.MetaParams(params))
 step_keys = jax.random.split(jax.random.key(seed + 1), meta_steps)
 history, start = [], time.perf_counter()
 for i in range(meta_steps):
@@ -138,14 +138,16 @@ for i in range(meta_steps):
             f"{recent['acc_pre']:.3f} after {recent['acc_post']:.3f}  "
             f"({(i + 1) / (time.perf_counter() - start):.1f} steps/s)"
         )
-theta = state.meta_params["params"]
+theta = state.meta_params.params
 
 # %% [markdown]
 # ## Meta-test: accuracy before and after adaptation
 #
 # New characters (the test split), `eval_query` query drawings per class, and `eval_inner_steps`
-# inner steps from the meta-learned initialisation. Before adaptation the head has not seen the
-# task's labels, so its accuracy is chance, $1/N$.
+# inner steps from the meta-learned initialisation. `estimator.adapt` runs the estimator's own
+# inner loop (its rate, mask and optimizer) for another number of steps, so training and testing
+# cannot adapt differently. Before adaptation the head has not seen the task's labels, so its
+# accuracy is chance, $1/N$.
 
 # %%
 test_images = jnp.asarray(splits["test"])
@@ -156,7 +158,8 @@ def evaluate(theta, images, key):
     def one(k):
         task = omniglot.sample_task(images, k, ways=ways, shots=shots, query=eval_query)
         acc = nn.accuracy(apply)
-        adapted = mg.adapt(loss_fn, theta, task.support, steps=eval_inner_steps, lr=inner_lr)
+        meta_params = mg.MetaParams(theta)
+        adapted = estimator.adapt(loss_fn, meta_params, task.support, steps=eval_inner_steps)
         return acc(theta, task.query)["acc"], acc(adapted, task.query)["acc"]
 
     return jax.lax.map(one, jax.random.split(key, eval_tasks))  # one task at a time: less memory

@@ -1,4 +1,6 @@
-"""The autodiff toolkit against closed forms, float64 finite differences and compositions."""
+"""The autodiff toolkit against closed forms, float64 finite differences and compositions.
+
+Tests whose oracle needs float64 (finite differences, rtol below 1e-6) request ``x64``."""
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ def test_derivative_tutorial_numbers(order, expected):
     assert float(mg.derivative(cubic, order)(1.0)) == expected
 
 
-def test_derivative_matches_central_differences(key):
+def test_derivative_matches_central_differences(key, x64):
     f = lambda x: jnp.sin(2.0 * x) * jnp.exp(-0.3 * x) + x**2 / 7
     xs = jax.random.uniform(key, (5,), minval=-2.0, maxval=2.0, dtype=jnp.float64)
     h = 1e-4
@@ -51,7 +53,7 @@ def _random_tree(key):
     }
 
 
-def test_hessian_pytree_blocks_match_flat_hessian(key):
+def test_hessian_pytree_blocks_match_flat_hessian(key, x64):
     p = _random_tree(key)
     flat, unravel = ravel_pytree(p)
     H_flat = jax.hessian(lambda z: _pytree_fn(unravel(z)))(flat)
@@ -63,7 +65,7 @@ def test_hessian_pytree_blocks_match_flat_hessian(key):
     np.testing.assert_allclose(H["w"]["w"].reshape(6, 6), H_flat[2:, 2:], rtol=1e-10)
 
 
-def test_hvp_equals_hessian_times_v_on_pytrees(key):
+def test_hvp_equals_hessian_times_v_on_pytrees(key, x64):
     k1, k2 = jax.random.split(key)
     p, v = _random_tree(k1), _random_tree(k2)
     flat_p, unravel = ravel_pytree(p)
@@ -80,7 +82,7 @@ def test_hvp_rejects_mismatched_direction():
         mg.hvp(lambda x: jnp.sum(x**2), jnp.ones(3), jnp.ones(2))
 
 
-def test_gnvp_equals_JT_H_J_v(key):
+def test_gnvp_equals_JT_H_J_v(key, x64):
     k1, k2, k3 = jax.random.split(key, 3)
     W = jax.random.normal(k1, (4, 3), jnp.float64)
     predict = lambda x: jnp.tanh(W @ x)
@@ -93,7 +95,7 @@ def test_gnvp_equals_JT_H_J_v(key):
 
 
 @pytest.mark.parametrize("num_samples", [16, 64, 256])
-def test_hutchinson_within_four_standard_errors(key, num_samples):
+def test_hutchinson_within_four_standard_errors(key, num_samples, x64):
     k_a, k_est = jax.random.split(key)
     A = jax.random.normal(k_a, (5, 5), jnp.float64)
     A = A + A.T  # a symmetric, non-diagonal Hessian so the estimate has variance
@@ -113,14 +115,15 @@ def test_hutchinson_rejects_too_few_samples(key):
         mg.hutchinson_trace(lambda x: jnp.sum(x**2), jnp.ones(2), key, num_samples=1)
 
 
-# The JAX tutorial's TD(0) example.
-THETA = jnp.array([0.1, -0.1, 0.0])
-S_TM1 = jnp.array([1.0, 2.0, -1.0])
-S_T = jnp.array([2.0, 1.0, 0.0])
+# The JAX tutorial's TD(0) example (NumPy float64: JAX takes them as float64 under the x64
+# fixture, where the tests compare at rtol 1e-12).
+THETA = np.array([0.1, -0.1, 0.0])
+S_TM1 = np.array([1.0, 2.0, -1.0])
+S_T = np.array([2.0, 1.0, 0.0])
 value_fn = lambda theta, s: jnp.dot(theta, s)
 
 
-def test_td0_semi_gradient_and_naive_gradient_tutorial_numbers():
+def test_td0_semi_gradient_and_naive_gradient_tutorial_numbers(x64):
     semi = jax.grad(lambda th: mg.td_loss(value_fn, th, S_TM1, 1.0, S_T))(THETA)
     naive = jax.grad(lambda th: mg.td_loss(value_fn, th, S_TM1, 1.0, S_T, semi_gradient=False))(
         THETA
@@ -129,7 +132,7 @@ def test_td0_semi_gradient_and_naive_gradient_tutorial_numbers():
     np.testing.assert_allclose(naive, [2.4, -2.4, 2.4], rtol=1e-12)
 
 
-def test_td0_per_example_gradients_tutorial_batch():
+def test_td0_per_example_gradients_tutorial_batch(x64):
     loss = lambda th, s_tm1, r_t, s_t: mg.td_loss(value_fn, th, s_tm1, r_t, s_t)
     batched = lambda x: jnp.stack([x, x])
     grads = mg.per_example_grads(loss, in_axes=(None, 0, 0, 0))(
@@ -144,7 +147,7 @@ def _mlp_loss(params, x, y):
     return jnp.mean((pred - y) ** 2), pred
 
 
-def test_per_example_grads_equal_python_loop(key):
+def test_per_example_grads_equal_python_loop(key, x64):
     k1, k2, k3, k4 = jax.random.split(key, 4)
     params = {"w1": jax.random.normal(k1, (3, 4)), "w2": jax.random.normal(k2, (4,))}
     xs = jax.random.normal(k3, (6, 3))
@@ -159,7 +162,7 @@ def test_per_example_grads_equal_python_loop(key):
             np.testing.assert_allclose(grads[name][b], g_b[name], rtol=1e-10)
 
 
-def test_per_example_norms_and_clipping(key):
+def test_per_example_norms_and_clipping(key, x64):
     grads = {
         "a": jax.random.normal(key, (4, 3)) * jnp.array([[0.01], [1.0], [10.0], [3.0]]),
         "b": jnp.arange(8.0).reshape(4, 2),

@@ -1,7 +1,7 @@
 """Every convolution implementation equals `lax.conv` in value and derivatives of every order used.
 
-The oracle is `lax.conv_general_dilated` in float64 (from conftest); `tests/test_engine.py` checks
-the engine's meta-gradients against finite differences.
+The oracle is `lax.conv_general_dilated` in float64 (conftest's ``x64`` fixture);
+`tests/test_engine.py` checks the engine's meta-gradients against finite differences.
 """
 
 import jax
@@ -12,9 +12,12 @@ import pytest
 from flax import nnx
 
 import metagrad as mg
+from metagrad import MetaParams
 from metagrad.nn import Conv4, conv2d, cross_entropy_loss, default_conv_impl, functional
 from metagrad.nn.conv import CONV_IMPLS, SMALL_C
 from metagrad.tasks import Task
+
+pytestmark = pytest.mark.usefixtures("x64")  # every comparison is at rtol 1e-10
 
 IMPLS = [i for i in CONV_IMPLS if i not in ("auto", "lax")]
 # Second-order MAML through Conv4 is a large program; XLA's backend optimisations and fusion
@@ -91,7 +94,7 @@ def test_vmap_with_per_example_kernels_equals_a_loop(key, impl):
 def _tiny_conv4(impl, downsample, hidden):
     model = Conv4(1, 2, hidden=hidden, downsample=downsample, conv_impl=impl, rngs=nnx.Rngs(0))
     params, apply = functional(model)
-    return {"params": params}, cross_entropy_loss(apply)
+    return MetaParams(params), cross_entropy_loss(apply)
 
 
 def _tiny_tasks(key, size=7, meta_batch=2):
@@ -114,7 +117,7 @@ def test_second_order_maml_meta_gradients_equal_lax(key, impl, downsample):
         meta_params, loss_fn = _tiny_conv4(name, downsample, SMALL_C + 1)
         task_loss = lambda p, t: mg.meta_loss(loss_fn, p, t.support, t.query, steps=1, lr=0.4)
         mean_loss = lambda p, t: jnp.mean(jax.vmap(task_loss, (None, 0))(p, t))
-        return jax.value_and_grad(mean_loss)(meta_params["params"], tasks)
+        return jax.value_and_grad(mean_loss)(meta_params.params, tasks)
 
     def both(key):
         tasks = _tiny_tasks(key)

@@ -1,8 +1,13 @@
 """Every public name has a docstring with an example that ``pytest --doctest-modules`` runs.
 
-Public: the names in ``__all__`` of ``metagrad``, ``metagrad.nn``, ``metagrad.quant``,
-``metagrad.tasks`` and of the modules they export, plus what ``metagrad.train`` defines without a
-leading underscore (it has no ``__all__``). A new public name without a runnable example fails here.
+Public: the names in ``__all__`` of the modules in ``ROOTS`` and of the modules they export; a
+module without ``__all__`` exports the functions and classes it defines without a leading
+underscore. ``ROOTS`` is the package (``metagrad``), each layer's namespace (``metagrad.nn``,
+``metagrad.tasks`` and its task families, ``metagrad.experiment``) and every core module
+(``_types``, ``autodiff``, ``stop_gradient``, ``inner``, ``estimators``, ``outer``, ``checks``).
+A name reachable under several paths is checked once, under its shortest. A new public name
+without a runnable example fails here; the names in ``MISSING_EXAMPLES`` are known gaps, checked
+to still be gaps (strict xfail), so the list shrinks as examples are written.
 """
 
 from __future__ import annotations
@@ -15,13 +20,49 @@ import types
 
 import pytest
 
-ROOTS = ("metagrad", "metagrad.nn", "metagrad.quant", "metagrad.tasks", "metagrad.train")
+ROOTS = (
+    "metagrad",
+    "metagrad._types",
+    "metagrad.autodiff",
+    "metagrad.stop_gradient",
+    "metagrad.inner",
+    "metagrad.estimators",
+    "metagrad.outer",
+    "metagrad.checks",
+    "metagrad.nn",
+    "metagrad.tasks",
+    "metagrad.tasks.sinusoid",  # no longer imported by metagrad.tasks
+    "metagrad.tasks.omniglot",
+    "metagrad.experiment",
+)
 
-# Plain constants: an int or a tuple has no docstring of its own (``__doc__`` is its type's), so
-# these are documented by a comment where they are defined and by the functions that use them.
+# Plain constants: an int, a tuple or a dict has no docstring of its own (``__doc__`` is its
+# type's), so these are documented by a comment where they are defined and by the functions that
+# use them.
 NO_DOCSTRING = {
+    "metagrad.ESTIMATORS": "dict constant, the estimator registry; documented by make_estimator",
+    "metagrad.outer.TASK_BATCHING": "tuple constant, the task-batching names; see meta_learner",
     "metagrad.quant.BITS_RANGE": "tuple constant, the valid bit widths; used by uniform/lsq",
     "metagrad.tasks.omniglot.SPLIT_SEED": "int constant, the default seed of split_characters",
+}
+
+# Public names of library code that have no runnable example yet (the library's owners write
+# them; this file only records the gap). Remove a name once it has one: its test then XPASSes,
+# which fails.
+MISSING_EXAMPLES = {
+    "metagrad.InnerLoop",
+    "metagrad.estimators.head_only",
+    "metagrad.experiment.Config",
+    "metagrad.experiment.ConfigError",
+    "metagrad.experiment.validate",
+    "metagrad.inner.UpdateRule",
+    "metagrad.inner.optax_rule",
+    "metagrad.inner.path_str",
+    "metagrad.inner.sgd_rule",
+    "metagrad.inner.sq_dist",
+    "metagrad.inner.unroll_steps",
+    "metagrad.inner.with_step",
+    "metagrad.outer.task_mesh",
 }
 
 
@@ -38,7 +79,8 @@ def _names(module: types.ModuleType) -> list[str]:
 
 
 def public_names() -> dict[str, object]:
-    """``{dotted name: object}``, walking into exported modules (``metagrad.tasks.omniglot``)."""
+    """``{dotted name: object}``, walking into exported modules (``metagrad.quant``); a function,
+    class, module or dict reachable under several names is listed once, under the shortest."""
     found: dict[str, object] = {}
     todo = [importlib.import_module(name) for name in ROOTS]
     seen = set()
@@ -52,7 +94,22 @@ def public_names() -> dict[str, object]:
             found[f"{module.__name__}.{name}"] = obj
             if isinstance(obj, types.ModuleType):
                 todo.append(obj)
-    return found
+    shortest: dict[int, str] = {}
+    for name, obj in found.items():
+        if not _interned(obj):
+            other = shortest.get(id(obj))
+            if other is None or (len(name), name) < (len(other), other):
+                shortest[id(obj)] = name
+    return {
+        name: obj
+        for name, obj in sorted(found.items())
+        if _interned(obj) or shortest[id(obj)] == name
+    }
+
+
+def _interned(obj) -> bool:
+    """Small ints, strings and tuples may be one object under unrelated names: never merged."""
+    return isinstance(obj, int | float | str | bytes | tuple) or obj is None
 
 
 @functools.cache
@@ -91,13 +148,24 @@ def test_the_walk_finds_every_kind_of_public_name():
         "metagrad.nn.Conv4",
         "metagrad.tasks.omniglot.make_sampler",
         "metagrad.tasks.sinusoid.sample_task",  # a module without __all__
-        "metagrad.train.train",
+        "metagrad.estimators.msl_weights",  # a core module's name not re-exported by metagrad
+        "metagrad.MetaParams",  # metagrad._types, checked under its shorter name
+        "metagrad.inner.proximal",
+        "metagrad.experiment.train",
+        "metagrad.experiment.Experiment",
     ):
         assert name in PUBLIC, name
-    assert "metagrad.train._chunk_fn" not in PUBLIC
+    assert "metagrad.experiment.loop._chunk_fn" not in PUBLIC
+    assert "metagrad.estimators.maml" not in PUBLIC  # checked once, as metagrad.maml
 
 
-@pytest.mark.parametrize("name", sorted(PUBLIC))
+def _case(name):
+    if name in MISSING_EXAMPLES:
+        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="known gap"))
+    return name
+
+
+@pytest.mark.parametrize("name", [_case(n) for n in sorted(PUBLIC)])
 def test_public_name_has_docstring_and_runnable_example(name):
     if name in NO_DOCSTRING:
         assert not callable(PUBLIC[name]), f"{name} is callable: give it a docstring instead"
@@ -107,6 +175,8 @@ def test_public_name_has_docstring_and_runnable_example(name):
 
 def test_allow_list_names_exist():
     assert set(NO_DOCSTRING) <= set(PUBLIC)
+    assert MISSING_EXAMPLES <= set(PUBLIC)
+    assert not MISSING_EXAMPLES & set(NO_DOCSTRING)
 
 
 def _documented(x):

@@ -9,9 +9,12 @@ from jax.flatten_util import ravel_pytree
 
 import metagrad as mg
 import metagrad.nn
-from metagrad.estimators import make_estimator, maml, mamlpp
+from metagrad import MetaParams, Task
+from metagrad.estimators import make_estimator, maml, mamlpp, msl_weights
 from metagrad.outer import batch_value_and_grad
-from metagrad.tasks import Task
+
+# Every oracle here (closed forms at rtol 1e-10, float64 finite differences) needs float64.
+pytestmark = pytest.mark.usefixtures("x64")
 
 # --- linear regression: every MAML variant has a closed form -------------------------------------
 
@@ -105,7 +108,7 @@ def mlp_task(key, n=5, d=2):
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_maml_matches_finite_differences_on_mlp(key, steps):
     k1, k2 = jax.random.split(key)
-    meta_params, task = {"params": mlp_params(k1)}, mlp_task(k2)
+    meta_params, task = MetaParams(mlp_params(k1)), mlp_task(k2)
     err = mg.check_meta_grad(maml(steps=steps, lr=0.3), mlp_loss, meta_params, task)
     assert err < 1e-6
     err_fo = mg.check_meta_grad(
@@ -122,12 +125,11 @@ def test_learned_rates_metasgd_and_per_step_match_finite_differences(key):
         params,
     )
     assert (
-        mg.check_meta_grad(maml(steps=2), mlp_loss, {"params": params, "lr": elementwise}, task)
-        < 1e-6
+        mg.check_meta_grad(maml(steps=2), mlp_loss, MetaParams(params, lr=elementwise), task) < 1e-6
     )
     per_step = jax.tree.map(lambda p: jnp.array([0.3, 0.1]).reshape((2,) + (1,) * p.ndim), params)
     est = maml(steps=2, per_step=True)
-    assert mg.check_meta_grad(est, mlp_loss, {"params": params, "lr": per_step}, task) < 1e-6
+    assert mg.check_meta_grad(est, mlp_loss, MetaParams(params, lr=per_step), task) < 1e-6
 
 
 def test_per_step_lr_vector_equals_unrolled_sgd_steps(key):
@@ -149,15 +151,17 @@ def test_anil_mask_adapts_head_only_and_matches_finite_differences(key):
     np.testing.assert_array_equal(adapted["w1"], params["w1"])
     assert not np.allclose(adapted["w2"], params["w2"])
     assert (
-        mg.check_meta_grad(maml(steps=2, lr=0.3, mask=mask), mlp_loss, {"params": params}, task)
+        mg.check_meta_grad(maml(steps=2, lr=0.3, mask=mask), mlp_loss, MetaParams(params), task)
         < 1e-6
     )
 
 
 def test_optax_inner_optimizer_is_differentiable(key):
     k1, k2 = jax.random.split(key)
-    est = maml(steps=3, optimizer=optax.adam(0.05))
-    meta_params, task = {"params": mlp_params(k1)}, mlp_task(k2)
+    # eps_root > 0: Adam's sqrt(v + eps_root) has no second derivative at v = 0 otherwise
+    # (check_inner_optimizer refuses the default eps_root=0 for second-order adaptation).
+    est = maml(steps=3, optimizer=optax.adam(0.05, eps_root=1e-8))
+    meta_params, task = MetaParams(mlp_params(k1)), mlp_task(k2)
     assert mg.check_meta_grad(est, mlp_loss, meta_params, task) < 1e-5
 
 
@@ -167,22 +171,20 @@ def test_mamlpp_multi_step_loss_matches_finite_differences_and_weights(key):
     lr = jax.tree.map(lambda p: jnp.full((3,) + (1,) * p.ndim, 0.2), params)
     est = mamlpp(steps=3, per_step=True, anneal_steps=100)
     for step in (0, 50, 200):
-        assert (
-            mg.check_meta_grad(est, mlp_loss, {"params": params, "lr": lr}, task, step=step) < 1e-6
-        )
-    w = np.stack([mg.outer.msl_weights(t, steps=3, anneal_steps=100) for t in range(0, 300, 50)])
+        assert mg.check_meta_grad(est, mlp_loss, MetaParams(params, lr=lr), task, step=step) < 1e-6
+    w = np.stack([msl_weights(t, steps=3, anneal_steps=100) for t in range(0, 300, 50)])
     np.testing.assert_allclose(w.sum(axis=-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(w[0], [1 / 3] * 3, rtol=1e-6)
     np.testing.assert_allclose(w[1], [1 / 6, 1 / 6, 2 / 3], rtol=1e-6)  # halfway
     np.testing.assert_allclose(w[-1], [0.01, 0.01, 0.98], rtol=1e-5)
     # Derivative-order annealing: first-order until the switch, exactly fomaml's direction.
     est_fo_first = mamlpp(steps=3, per_step=True, anneal_steps=100, first_order_until=10)
-    mp = {"params": params, "lr": lr}
+    mp = MetaParams(params, lr=lr)
     _, g_early = est_fo_first.value_and_grad(mlp_loss, mp, task, jnp.asarray(5))
     _, g_late = est_fo_first.value_and_grad(mlp_loss, mp, task, jnp.asarray(10))
     _, g_so = est.value_and_grad(mlp_loss, mp, task, jnp.asarray(10))
-    assert not np.allclose(g_early["params"]["w1"], g_so["params"]["w1"])
-    np.testing.assert_allclose(g_late["params"]["w1"], g_so["params"]["w1"], rtol=1e-10)
+    assert not np.allclose(g_early.params["w1"], g_so.params["w1"])
+    np.testing.assert_allclose(g_late.params["w1"], g_so.params["w1"], rtol=1e-10)
 
 
 def test_reptile_direction_is_mean_parameter_difference(key):
@@ -191,12 +193,12 @@ def test_reptile_direction_is_mean_parameter_difference(key):
     tasks = jax.vmap(mlp_task)(jax.random.split(k2, 3))
     steps, lr = 4, 0.1
     est = make_estimator("reptile", steps=steps, lr=lr)
-    _, g = batch_value_and_grad(est, mlp_loss, {"params": params}, tasks, 0)
+    _, g = batch_value_and_grad(est, mlp_loss, MetaParams(params), tasks, 0)
     supports = [jax.tree.map(lambda x, t=t: x[t], tasks.support) for t in range(3)]
     adapted = [mg.adapt(mlp_loss, params, s, steps=steps, lr=lr) for s in supports]
     for name in params:
         want = np.mean([(params[name] - a[name]) / (steps * lr) for a in adapted], axis=0)
-        np.testing.assert_allclose(g["params"][name], want, rtol=1e-10)
+        np.testing.assert_allclose(g.params[name], want, rtol=1e-10)
 
 
 # --- iMAML ---------------------------------------------------------------------------------------
@@ -215,10 +217,10 @@ def test_imaml_equals_closed_form_implicit_gradient(key):
     theta, reg = jnp.array([0.3, -0.2, 0.5]), 2.0
     phi, expected = _imaml_closed_form(task, theta, reg)
     est = make_estimator("imaml", steps=400, lr=0.1, reg=reg, cg_iters=10, cg_tol=1e-12)
-    (loss, _), g = est.value_and_grad(lstsq, {"params": theta}, task, 0)
-    np.testing.assert_allclose(g["params"], expected, rtol=1e-8)
+    (loss, _), g = est.value_and_grad(lstsq, MetaParams(theta), task, 0)
+    np.testing.assert_allclose(g.params, expected, rtol=1e-8)
     np.testing.assert_allclose(loss, lstsq(phi, task.query), rtol=1e-10)
-    (_, metrics), _ = est.value_and_grad(lstsq, {"params": theta}, task, 0)
+    (_, metrics), _ = est.value_and_grad(lstsq, MetaParams(theta), task, 0)
     assert metrics["cg_residual"] < 1e-10 and metrics["inner_residual"] < 1e-10
 
 
@@ -236,8 +238,8 @@ def test_imaml_residual_metrics_equal_closed_form(key):
     x1 = (b @ b) / (b @ A @ b) * b  # CG's first iterate from zero
     cg_res = jnp.linalg.norm(A @ x1 - b) / jnp.linalg.norm(b)
     est = make_estimator("imaml", steps=1, lr=lr, reg=reg, cg_iters=1, cg_tol=1e-12)
-    (_, metrics), g = est.value_and_grad(lstsq, {"params": theta}, task, 0)
-    np.testing.assert_allclose(g["params"], x1, rtol=1e-10)
+    (_, metrics), g = est.value_and_grad(lstsq, MetaParams(theta), task, 0)
+    np.testing.assert_allclose(g.params, x1, rtol=1e-10)
     np.testing.assert_allclose(metrics["inner_residual"], inner_res, rtol=1e-10)
     np.testing.assert_allclose(metrics["cg_residual"], cg_res, rtol=1e-8)
     assert 0.01 < float(metrics["cg_residual"]) < 1 and 0.01 < float(inner_res) < 1
@@ -253,8 +255,8 @@ def test_imaml_gauss_newton_equals_closed_form_on_linear_model(key):
         curvature="gauss_newton", predict_fn=lambda w, X: X @ w,
         output_loss=lambda z, y: jnp.mean((z - y) ** 2),
     )  # fmt: skip
-    (_, metrics), g = est.value_and_grad(lstsq, {"params": theta}, task, 0)
-    np.testing.assert_allclose(g["params"], expected, rtol=1e-8)
+    (_, metrics), g = est.value_and_grad(lstsq, MetaParams(theta), task, 0)
+    np.testing.assert_allclose(g.params, expected, rtol=1e-8)
     assert metrics["cg_residual"] < 1e-10
 
 
@@ -267,7 +269,7 @@ def test_imaml_gauss_newton_equals_dense_solve_on_mlp(key):
         curvature="gauss_newton", predict_fn=mlp_apply,
         output_loss=lambda z, y: jnp.mean((z - y) ** 2),
     )  # fmt: skip
-    (_, metrics), g = est.value_and_grad(mlp_loss, {"params": params}, task, 0)
+    (_, metrics), g = est.value_and_grad(mlp_loss, MetaParams(params), task, 0)
     flat, unravel = ravel_pytree(params)
     prox = lambda p, b: mlp_loss(p, b) + 0.5 * reg * jnp.sum((ravel_pytree(p)[0] - flat) ** 2)
     phi = mg.adapt(prox, params, task.support, steps=3, lr=0.1)
@@ -277,12 +279,12 @@ def test_imaml_gauss_newton_equals_dense_solve_on_mlp(key):
     G = 2.0 / y.size * J.T @ J
     g_query = ravel_pytree(jax.grad(mlp_loss)(phi, task.query))[0]
     expected = jnp.linalg.solve(jnp.eye(flat.size) + G / reg, g_query)
-    np.testing.assert_allclose(ravel_pytree(g["params"])[0], expected, rtol=1e-8)
+    np.testing.assert_allclose(ravel_pytree(g.params)[0], expected, rtol=1e-8)
     # ... and it differs from the Hessian version (the MLP's H != G away from interpolation).
     _, g_h = make_estimator(
         "imaml", steps=3, lr=0.1, reg=reg, cg_iters=50, cg_tol=1e-14
-    ).value_and_grad(mlp_loss, {"params": params}, task, 0)
-    assert not np.allclose(ravel_pytree(g_h["params"])[0], expected, rtol=1e-4)
+    ).value_and_grad(mlp_loss, MetaParams(params), task, 0)
+    assert not np.allclose(ravel_pytree(g_h.params)[0], expected, rtol=1e-4)
 
 
 def test_imaml_rejects_bad_curvature():
@@ -295,7 +297,7 @@ def test_imaml_rejects_bad_curvature():
 def test_imaml_matches_finite_differences_when_converged(key):
     k1, k2 = jax.random.split(key)
     est = make_estimator("imaml", steps=300, lr=0.2, reg=3.0, cg_iters=40, cg_tol=1e-12)
-    err = mg.check_meta_grad(est, mlp_loss, {"params": mlp_params(k1)}, mlp_task(k2))
+    err = mg.check_meta_grad(est, mlp_loss, MetaParams(mlp_params(k1)), mlp_task(k2))
     assert err < 1e-5
 
 
@@ -310,7 +312,7 @@ def _grads(est, meta_params, tasks, task_batching="vmap"):
 
 def test_remat_unroll_and_task_batching_give_the_same_meta_gradients(key):
     k1, k2 = jax.random.split(key)
-    mp = {"params": mlp_params(k1)}
+    mp = MetaParams(mlp_params(k1))
     tasks = jax.vmap(mlp_task)(jax.random.split(k2, 4))
     ref = _grads(maml(steps=3, lr=0.2), mp, tasks)
     variants = [
@@ -338,7 +340,7 @@ def test_trajectory_ends_at_adapted_params(key):
 
 def test_meta_learner_step_applies_optimizer_to_mean_meta_gradient(key):
     k1, k2 = jax.random.split(key)
-    mp = {"params": mlp_params(k1)}
+    mp = MetaParams(mlp_params(k1))
     tasks = jax.vmap(mlp_task)(jax.random.split(k2, 3))
     est = maml(steps=1, lr=0.2)
     learner = mg.meta_learner(mlp_loss, est, optax.sgd(0.5))
@@ -386,7 +388,7 @@ def _temp_bytes(est, steps):
     params = mlp_params(jax.random.key(0), d=8, h=64)
     task = mlp_task(jax.random.key(1), n=64, d=8)
     fn = jax.jit(lambda mp: est.value_and_grad(mlp_loss, mp, task, 0)[1])
-    return fn.lower({"params": params}).compile().memory_analysis().temp_size_in_bytes
+    return fn.lower(MetaParams(params)).compile().memory_analysis().temp_size_in_bytes
 
 
 def test_remat_and_imaml_memory():

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import metagrad as mg
+from metagrad import MetaParams
 from metagrad import nn as mnn
 from metagrad.estimators import maml, mamlpp
 
@@ -24,7 +25,7 @@ def test_functional_equals_module_and_is_pure(key):
     assert sorted(params) == ["head", "hidden_0", "hidden_1"]
 
 
-def test_functional_linen_matches_apply(key):
+def test_functional_linen_matches_apply(key, x64):
     params, apply = mnn.functional_linen(linen.Dense(3), key, jnp.ones((1, 2)))
     x = jax.random.normal(key, (4, 2))
     np.testing.assert_allclose(apply(params, x), x @ params["kernel"] + params["bias"], rtol=1e-12)
@@ -39,7 +40,7 @@ def test_adapt_mask_for_anil_and_frozen_batchnorm():
     assert any(not m for _, m in frozen_bn) and any(m for _, m in frozen_bn)
 
 
-def test_transductive_batchnorm_normalises_the_current_batch(key):
+def test_transductive_batchnorm_normalises_the_current_batch(key, x64):
     bn = mnn.MetaBatchNorm(3)
     x = 3.0 + 2.0 * jax.random.normal(key, (64, 4, 4, 3))
     y = bn(x)
@@ -47,7 +48,7 @@ def test_transductive_batchnorm_normalises_the_current_batch(key):
     np.testing.assert_allclose(jnp.var(y, axis=(0, 1, 2)), 1.0, rtol=1e-3)
 
 
-def test_support_batchnorm_is_not_transductive(key):
+def test_support_batchnorm_is_not_transductive(key, x64):
     bn = mnn.MetaBatchNorm(2, policy="support")
     k1, k2 = jax.random.split(key)
     support = jax.random.normal(k1, (6, 2))
@@ -90,7 +91,7 @@ def test_conv4_meta_gradients_match_finite_differences(key, policy):
     else:
         est = maml(steps=2, lr=0.3)
     # A small step: ReLU kinks sit close to the point in a net this small (eps=1e-5 crossed one).
-    err = mg.check_meta_grad(est, loss, {"params": params}, task, num_directions=4, eps=1e-7)
+    err = mg.check_meta_grad(est, loss, MetaParams(params), task, num_directions=4, eps=1e-7)
     assert err < 1e-5
 
 

@@ -7,11 +7,10 @@ with assertions, so a wrong result fails here like a cell error. Nothing is writ
 the kernel runs in a temporary folder and the executed notebook is discarded.
 """
 
-import os
 from pathlib import Path
 
 import pytest
-from conftest import CACHE_DIR, REPO_ROOT
+from conftest import REPO_ROOT, SUBPROCESS_ENV
 
 jupytext = pytest.importorskip("jupytext")
 nbformat = pytest.importorskip("nbformat")
@@ -19,19 +18,6 @@ nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 CELL_TIMEOUT_S = 300
-
-
-def _omniglot_dir() -> Path | None:
-    """The Omniglot folder the other real-data tests use, if it holds the two official zips."""
-    env = os.environ.get("METAGRAD_OMNIGLOT_DIR")
-    candidates = [Path(env)] if env else []
-    if os.environ.get("METAGRAD_DATA"):
-        candidates.append(Path(os.environ["METAGRAD_DATA"]) / "omniglot")
-    candidates.append(REPO_ROOT.parent / "shared" / "data" / "omniglot")
-    for c in candidates:
-        if all((c / f"{h}.zip").is_file() for h in ("images_background", "images_evaluation")):
-            return c
-    return None
 
 
 # Tiny sizes: enough for each notebook's own assertions to be meaningful, small enough that all
@@ -76,16 +62,13 @@ def _inject(nb, name: str, values: dict) -> None:
 
 
 def _kernel_env() -> dict:
-    env = dict(os.environ)
-    env.update(
-        MPLBACKEND="Agg",
-        # The kernel shares the tests' persistent compilation cache (tests/conftest.py) and
-        # caches every program: a notebook's many small eager ops each compile in 10-100 ms.
-        JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
+    # The kernel shares the tests' persistent compilation cache (conftest's SUBPROCESS_ENV) and
+    # caches every program: a notebook's many small eager ops each compile in 10-100 ms.
+    return dict(
+        SUBPROCESS_ENV,
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         PYDEVD_DISABLE_FILE_VALIDATION="1",
     )
-    return env
 
 
 def _run(name: str, values: dict, tmp_path: Path) -> None:
@@ -104,16 +87,21 @@ def test_every_notebook_is_listed():
     assert sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.py")) == sorted(SMALL)
 
 
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_tiny_sizes_fit_the_parameters_cell(name):
+    # The quick lane's check of what the slow lane runs: each notebook parses, has one cell
+    # tagged "parameters", and defines every name the test overrides.
+    _inject(jupytext.read(NOTEBOOKS / f"{name}.py"), name, SMALL[name])
+
+
+# A fresh kernel per notebook, tens of seconds each: the slow lane (plain `pytest` runs it).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in SMALL if n != "06_few_shot_omniglot"])
 def test_notebook_runs(name, tmp_path):
     _run(name, SMALL[name], tmp_path)
 
 
-@pytest.mark.skipif(
-    _omniglot_dir() is None,
-    reason="Omniglot not found: set METAGRAD_OMNIGLOT_DIR or METAGRAD_DATA, or put "
-    "images_background.zip and images_evaluation.zip in <repo>/../shared/data/omniglot",
-)
-def test_omniglot_notebook_runs(tmp_path):
+@pytest.mark.slow
+def test_omniglot_notebook_runs(tmp_path, omniglot_dir):
     name = "06_few_shot_omniglot"
-    _run(name, dict(SMALL[name], data_dir=str(_omniglot_dir())), tmp_path)
+    _run(name, dict(SMALL[name], data_dir=str(omniglot_dir)), tmp_path)

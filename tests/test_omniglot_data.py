@@ -1,14 +1,14 @@
 """Omniglot data layer: loader and cache on a synthetic release, splits, sampler, real data.
 
 The synthetic release is built here in the official layout, so the loader tests run anywhere.
-The real-data tests read ``$METAGRAD_OMNIGLOT_DIR`` or ``<repo>/../shared/data/omniglot`` and
-skip when neither holds the two zips; they preprocess once per session into a temporary cache.
+The real-data tests take conftest's ``omniglot_dir`` (``$METAGRAD_OMNIGLOT_DIR``,
+``$METAGRAD_DATA/omniglot`` or ``<repo>/../shared/data/omniglot``) and skip without it; they
+preprocess once per session into a temporary cache.
 """
 
 import collections
 import hashlib
 import io
-import os
 import shutil
 import zipfile
 from functools import partial
@@ -495,29 +495,18 @@ def test_bad_images_and_batch_size():
         sampler.sample_batch(jax.random.key(0), 0)
 
 
-# --- the real data -----------------------------------------------------------------------------
-
-
-def _real_data_dir() -> Path | None:
-    env = os.environ.get("METAGRAD_OMNIGLOT_DIR")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/omniglot"
-    found = all((root / f"{h}.zip").is_file() or (root / h).is_dir() for h in SYNTHETIC)
-    return root if found else None
+# --- the real data: decoding all 32,460 drawings is the slow lane -------------------------------
 
 
 @pytest.fixture(scope="session")
-def real(tmp_path_factory):
-    """``(data_dir, cache_dir, data)``, preprocessed once per session into a fresh cache."""
-    data_dir = _real_data_dir()
-    if data_dir is None:
-        pytest.skip(
-            "Omniglot not found: set METAGRAD_OMNIGLOT_DIR or put images_background.zip and "
-            "images_evaluation.zip in <repo>/../shared/data/omniglot"
-        )
+def real(omniglot_dir, tmp_path_factory):
+    """``(data_dir, cache_dir, data)``, preprocessed once per session into a fresh cache (the
+    data folder comes from conftest's ``omniglot_dir``, which skips without it)."""
     cache_dir = tmp_path_factory.mktemp("omniglot_cache")
-    return data_dir, cache_dir, load_omniglot(data_dir, cache_dir=cache_dir)
+    return omniglot_dir, cache_dir, load_omniglot(omniglot_dir, cache_dir=cache_dir)
 
 
+@pytest.mark.slow
 def test_real_counts_and_order(real):
     _, _, data = real
     assert data.images.shape == (1623, 20, 28, 28) and data.images.dtype == np.uint8
@@ -539,6 +528,7 @@ def test_real_counts_and_order(real):
     assert 0.05 < data.images.mean() / 255 < 0.15  # ink is the minority, and it is 255
 
 
+@pytest.mark.slow
 def test_real_splits(real):
     data_dir, cache_dir, data = real
     finn = split_characters(data.alphabet, data.background)
@@ -560,6 +550,7 @@ def test_real_splits(real):
         np.testing.assert_array_equal(splits[name], data.images[index])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("split", "ways", "shots", "query"), [("train", 5, 1, 15), ("test", 20, 5, 5)]
 )
@@ -591,6 +582,7 @@ def test_real_sampler_matches_its_indices(real, key, split, ways, shots, query):
     assert set(index.rotation.ravel().tolist()) == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_real_cache_is_keyed_by_the_source(real, tmp_path):
     data_dir, cache_dir, data = real
     (cached,) = (cache_dir / "omniglot").glob("*.npz")

@@ -10,10 +10,14 @@ import pytest
 from flax import nnx
 
 import metagrad as mg
-from metagrad import quant
+from metagrad import MetaParams, quant
+from metagrad.estimators import MetaGradEstimator, maml
 from metagrad.nn import MLP, Conv4, conv2d, functional, mse_loss
 from metagrad.nn.quant import QuantConv, QuantConv4, QuantDense, QuantMLP
-from metagrad.estimators import MetaGradEstimator, maml
+
+# The oracles compare in float64: bit-level references, the LSQ paper's gradient at rtol 1e-12,
+# finite differences of the straight-through surrogate.
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def np_rng(key):
@@ -132,7 +136,8 @@ def test_stochastic_rounding_is_unbiased_and_uses_the_key(key):
 
 # --- derivatives -------------------------------------------------------------------------------
 
-X = jnp.array([-1.2, -0.95, -0.31, -0.29, -0.05, 0.0, 0.12, 0.29, 0.31, 0.44, 0.7, 1.3])
+# NumPy float64, so that the tests (under x64) see float64 inputs, not float32 made at import.
+X = np.array([-1.2, -0.95, -0.31, -0.29, -0.05, 0.0, 0.12, 0.29, 0.31, 0.44, 0.7, 1.3])
 
 # (name, quantizer of x, clipping range of x/s, scale)
 GIVEN = [
@@ -476,14 +481,14 @@ def test_maml_through_quant_mlp_matches_finite_differences_of_the_surrogate(key)
     consts, mirrored, model_out, surrogate_value, g_first_order = at_theta(theta)
     np.testing.assert_allclose(mirrored, model_out, rtol=1e-12)  # the test's mirror is the model
     vg = jax.jit(maml(steps=steps, lr=lr).value_and_grad, static_argnums=0)
-    (loss, _), g = vg(loss_fn, {"params": theta}, task, jnp.asarray(0))  # as check_meta_grad does
+    (loss, _), g = vg(loss_fn, MetaParams(theta), task, jnp.asarray(0))  # as check_meta_grad does
     assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(g))
     np.testing.assert_allclose(surrogate_value, loss, rtol=1e-12)  # the surrogate passes through
-    surrogate = lambda loss_fn, mp, task, step: (surrogate_meta_loss(mp["params"], consts), {})
+    surrogate = lambda loss_fn, mp, task, step: (surrogate_meta_loss(mp.params, consts), {})
     checked = MetaGradEstimator("straight-through vs surrogate", surrogate, vg)
-    assert mg.check_meta_grad(checked, loss_fn, {"params": theta}, task) < 1e-6
+    assert mg.check_meta_grad(checked, loss_fn, MetaParams(theta), task) < 1e-6
     # the check sees the second-order terms through the quantizers: first-order MAML's gradient
     # (the query gradient at phi2) is far from this one, so it would fail the check
     flat = lambda t: jax.flatten_util.ravel_pytree(t)[0]
     assert np.linalg.norm(flat(g_first_order) - flat(g)) > 1e-2 * np.linalg.norm(flat(g))
-    assert np.all(g["params"]["hidden_1"]["weight_scale"] != 0)  # the scale is meta-learned
+    assert np.all(g.params["hidden_1"]["weight_scale"] != 0)  # the scale is meta-learned
