@@ -1,6 +1,8 @@
 """The GPU scripts on CPU with tiny settings: presets composed as the CLI composes them, with bad
-overrides named; gpu_omniglot.py sizes a run to its time budget; gpu_benchmark.py, with Hydra and
-OmegaConf blocked (it needs neither), measures us and, where torch is installed, the peers."""
+overrides named; `experiments.gpu.omniglot` sizes a run to its time budget;
+`experiments.gpu.benchmark`, with Hydra and OmegaConf blocked (it needs neither), measures us and,
+where torch is installed, the peers. The scripts run as on the device machine: ``python -m
+experiments.gpu.<name>`` from the checkout's root, with the installed package out of reach."""
 
 import json
 import os
@@ -9,19 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CACHE_DIR, REPO_ROOT
+from conftest import REPO_ROOT, SUBPROCESS_ENV
 
-sys.path.insert(0, str(REPO_ROOT / "experiments"))
-from gpu_omniglot import steps_within  # noqa: E402
-from train import compose_config  # noqa: E402  (experiments/train.py)
+from experiments._hydra import compose_config
+from experiments.gpu.omniglot import steps_within
+from metagrad.experiment.config import ConfigError
 
-from metagrad.experiment.config import ConfigError  # noqa: E402
+ENV = {k: v for k, v in SUBPROCESS_ENV.items() if k != "PYTHONPATH"}
 
-ENV = dict(
-    os.environ,
-    JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-    JAX_PLATFORMS="cpu",
+# As on the device machine, where the repository travels uninstalled: the editable install's
+# finder is dropped, so `experiments` and `metagrad` resolve from the working directory alone.
+UNINSTALLED = (
+    "sys.meta_path[:] = [f for f in sys.meta_path "
+    "if '__editable__' not in getattr(f, '__module__', '')]; "
 )
 
 
@@ -30,26 +32,40 @@ def compose_preset(preset: str, overrides: list[str] = ()):
 
 
 def run_script(
-    script: str, *args: str, block_hydra: bool = False, timeout: float = 300
+    module: str, *args: str, block_hydra: bool = False, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    """``python experiments/<script> args``, optionally in a process where importing Hydra
-    fails."""
+    """``python -m experiments.gpu.<module> args`` from the checkout's root, uninstalled, and
+    optionally in a process where importing Hydra fails."""
     blocked = "sys.modules.update(hydra=None, omegaconf=None); " if block_hydra else ""
+    name = f"experiments.gpu.{module}"
     code = (
-        f"import runpy, sys; {blocked}"
-        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+        f"import runpy, sys; {UNINSTALLED}{blocked}"
+        f"sys.argv = [{name!r}, *sys.argv[1:]]; "
+        f"runpy.run_module({name!r}, run_name='__main__', alter_sys=True)"
     )
-    path = str(REPO_ROOT / "experiments" / script)
     proc = subprocess.run(
-        [sys.executable, "-c", code, path, *args],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
         env=ENV,
         timeout=timeout,
     )
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def test_gpu_scripts_import_from_the_checkout_without_the_installed_package():
+    code = (
+        f"import sys; {UNINSTALLED}"
+        "import experiments.gpu.benchmark as b, experiments.bench.harness as h, metagrad; "
+        "print(b.__file__, h.__file__, metagrad.__file__)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, env=ENV
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(Path(f).is_relative_to(REPO_ROOT) for f in proc.stdout.split())
 
 
 @pytest.mark.parametrize(
@@ -97,7 +113,7 @@ def test_linear_outer_schedule_anneals_the_step_to_zero():
 def test_gpu_omniglot_script_fits_its_budget(tmp_path):
     out = tmp_path / "run.json"
     run_script(
-        "gpu_omniglot.py",
+        "omniglot",
         "--preset=maml_sinusoid",  # the same machinery as Omniglot, without the data set
         "--steps=600",
         "--time-budget-s=0.5",
@@ -144,7 +160,7 @@ def test_gpu_benchmark_script_measures_us_and_the_peers_without_hydra(tmp_path, 
     rel = os.path.relpath(peers[1], REPO_ROOT) if peers else None
     where = ["--peers-python", peers[0], "--peers-dir", rel] if peers else ["--no-peers"]
     args = ["--quick", "--only=sinusoid", "--target-s=0.02", "--blocks=1", "--peer-threads=1"]
-    run_script("gpu_benchmark.py", *args, *where, f"--out={out}", block_hydra=True)
+    run_script("benchmark", *args, *where, f"--out={out}", block_hydra=True)
     report = json.loads(out.read_text())
     modes = {(r["task_batching"], r["mode"]) for r in report["results"]}
     assert modes == {("vmap", "dispatch"), ("vmap", "scan"), ("map", "scan")}

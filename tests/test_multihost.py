@@ -4,7 +4,6 @@ through the library API (float64; vmap and lax.map over tasks) and through the C
 checkpoints and logs)."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import CACHE_DIR, REPO_ROOT
+from conftest import REPO_ROOT, SUBPROCESS_ENV
 
 from metagrad.experiment.config import Config, ConfigError, validate
 
@@ -28,7 +27,7 @@ API_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_enable_x64", True)
     import metagrad as mg
     from metagrad import nn
-    from metagrad.tasks import sinusoid
+    import metagrad.tasks.sinusoid as sinusoid
     from flax import nnx
 
     assert len(jax.devices()) == (4 if pid >= 0 else 1), jax.devices()
@@ -43,7 +42,7 @@ API_SCRIPT = textwrap.dedent("""
             devices="all" if pid >= 0 else 1, task_batching=tb, jit=False,
         )
         update = jax.jit(learner.update)
-        state = learner.init({"params": params})
+        state = learner.init(mg.MetaParams(params))
         losses = []
         for step in range(3):  # every process passes the whole meta-batch, from one key
             tasks = sinusoid.sample_batch(jax.random.key(step), 8, shots=5, query=5)
@@ -82,13 +81,7 @@ CLI_ARGS = [
 
 
 def _env(devices: int) -> dict:
-    return dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-    )
+    return dict(SUBPROCESS_ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def _free_port() -> int:

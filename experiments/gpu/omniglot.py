@@ -1,6 +1,6 @@
 """Omniglot 5-way 1-shot MAML (``conf/experiment/maml_omniglot_5w1s.yaml``) end to end on one
-GPU: the preset is composed by Hydra's compose API (`train.compose_config`, as the CLI would),
-trained by `metagrad.experiment.train`, and summarised on stdout and in one JSON file.
+GPU: the preset is composed by Hydra's compose API (`experiments._hydra.compose_config`, as the
+CLI would), trained by `metagrad.experiment.train`, and summarised on stdout and in one JSON file.
 
 With ``--time-budget-s`` a throwaway calibration run first trains two chunks
 (``train.chunk_steps`` meta-steps each) and takes the speed of the second (the first call also
@@ -9,18 +9,18 @@ most ``--steps``, default the preset's 60,000). The budget covers the real run's
 meta-steps only: compilation, validation and the test evaluation come on top. The real run
 compiles the same program as the calibration run and finds it in JAX's persistent compilation
 cache. (Resuming the calibration run instead would lower a different program, from restored
-arrays, and compile it again.)
+arrays, and compile it again.) Run from the checkout's root (installed or not):
 
-    python experiments/gpu_omniglot.py --data-dir /path/to/omniglot --out omniglot.json
-    python experiments/gpu_omniglot.py --data-dir D --time-budget-s 200 --out omniglot.json \\
+    python -m experiments.gpu.omniglot --data-dir /path/to/omniglot --out omniglot.json
+    python -m experiments.gpu.omniglot --data-dir D --time-budget-s 200 --out omniglot.json \\
         --set train.meta_batch_size=16          # any Config key, as on the Hydra command line
 
-On the device machine (the `run` tool), after ``bash experiments/gpu_prepare.sh`` here has put
+On the device machine (the `run` tool), after ``bash experiments/gpu/prepare.sh`` here has put
 the Omniglot zips, the preprocessed cache, the PyTorch peers and wheels of Hydra (which that
 machine lacks) into ``.gpu_carry/`` (carry ``[".gpu_carry"]``; the whole command, which installs
-the wheels first, is in gpu_benchmark.py's docstring):
+the wheels first, is in `experiments.gpu.benchmark`'s docstring):
 
-    python experiments/gpu_omniglot.py --data-dir .gpu_carry/omniglot \\
+    python -m experiments.gpu.omniglot --data-dir .gpu_carry/omniglot \\
         --cache-dir .gpu_carry/cache --time-budget-s 150 --out $OUT/omniglot.json
 """
 
@@ -36,12 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo travels to the GPU uninstalled
-
-from train import compose_config  # noqa: E402  (experiments/train.py, the Hydra CLI)
-
-from metagrad.experiment.config import ConfigError  # noqa: E402
+from experiments._hydra import compose_config
+from metagrad.experiment.config import ConfigError
 
 TEST_METRICS = [f"eval_{k}_{x}" for k in ("acc", "loss") for x in ("post", "post_ci95", "pre")]
 

@@ -4,25 +4,26 @@
 # (so the 32k PNGs are not decoded there), a copy of the PyTorch peers' scripts and wheels of
 # Hydra and OmegaConf (that machine has JAX, Flax, optax and orbax, not Hydra; pure Python, the
 # versions installed here). Run it here, in metagrad's virtual environment, then call the device
-# tool with carry [".gpu_carry"] (command: experiments/gpu_benchmark.py's docstring). About 22 MB.
-#   bash experiments/gpu_prepare.sh [OMNIGLOT_DIR] [PEERS_DIR]
+# tool with carry [".gpu_carry"] (command: experiments/gpu/benchmark.py's docstring). About 22 MB.
+#   bash experiments/gpu/prepare.sh [OMNIGLOT_DIR] [PEERS_DIR]
 # Defaults: ../shared/data/omniglot and ../shared/peers next to the checkout.
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 data="${1:-$repo/../shared/data/omniglot}"
 peers="${2:-$repo/../shared/peers}"
 carry="$repo/.gpu_carry"
 for f in "$data/images_background.zip" "$data/images_evaluation.zip" "$peers/bench_sinusoid.py"; do
-  [ -f "$f" ] || { echo "gpu_prepare: missing $f" >&2; exit 1; }
+  [ -f "$f" ] || { echo "prepare.sh: missing $f" >&2; exit 1; }
 done
 # .gitignore lists .gpu_carry/, so it travels only when carried (and never gets committed).
 mkdir -p "$carry/omniglot" "$carry/cache" "$carry/peers"
 cp -f "$data"/images_background.zip "$data"/images_evaluation.zip "$carry/omniglot/"
 cp -f "$peers"/bench_sinusoid.py "$peers"/bench_omniglot_conv4.py "$carry/peers/"
-# The loader's cache is keyed by the zips' bytes: copy this machine's, else write it (slow).
+# The loader's cache is keyed by the zips' bytes: copy this machine's (each .npz with the .sha256
+# that vouches for it, or the loader rebuilds it), else write it (slow).
 cache="${METAGRAD_CACHE:-$HOME/.cache/metagrad}/omniglot"
 mkdir -p "$carry/cache/omniglot"
-cp "$cache"/omniglot28_*.npz "$carry/cache/omniglot/" 2>/dev/null || true
+cp "$cache"/omniglot28_*.npz "$cache"/omniglot28_*.npz.sha256 "$carry/cache/omniglot/" 2>/dev/null || true
 (cd "$repo" && python -c "
 import sys
 from metagrad.tasks.omniglot import load_omniglot

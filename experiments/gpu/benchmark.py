@@ -1,40 +1,42 @@
-"""benchmark.py's speed table on one GPU, with the PyTorch peers on the same GPU, in one run.
+"""The speed table of `experiments.bench.speed` on one GPU, with the PyTorch peers on the same GPU,
+in one run.
 
-Ours (second-order MAML, as in benchmark.py): sinusoid (one dispatch per meta-step, and chunks
-of meta-steps with vmap and with lax.map over tasks), and Conv4 5-way 1-shot with 15 queries per
-class, strided and max-pool, meta-batch 32 and 4, with lax convolutions (cuDNN) and vmap over
-tasks. Peers: the implementations in ``shared/peers`` that need torch alone -- torch.func (vmap,
-vmap with ``.backward()``, loop) and the hand-written autograd loop; higher, learn2learn and
-TorchOpt are not on the GPU machine -- run on the GPU through peer_on_device.py. Each peer's
-meta-gradient is checked against the autograd loop in the same run (torch.func's vmap is wrong
-through batch norm, so on Conv4 it is timed but never the speed to beat). Each of our rows gets
-its ratio to the fastest correct peer on the same workload. About 4 minutes on an H100.
+Ours (second-order MAML, as in `experiments.bench.speed`): sinusoid (one dispatch per meta-step,
+and chunks of meta-steps with vmap and with lax.map over tasks), and Conv4 5-way 1-shot with 15
+queries per class, strided and max-pool, meta-batch 32 and 4, with lax convolutions (cuDNN) and
+vmap over tasks. Peers: the implementations in ``shared/peers`` that need torch alone --
+torch.func (vmap, vmap with ``.backward()``, loop) and the hand-written autograd loop; higher,
+learn2learn and TorchOpt are not on the GPU machine -- run on the GPU through
+``experiments/gpu/peer_on_device.py``. Each peer's meta-gradient is checked against the autograd
+loop in the same run (torch.func's vmap is wrong through batch norm, so on Conv4 it is timed but
+never the speed to beat). Each of our rows gets its ratio to the fastest correct peer on the same
+workload. About 4 minutes on an H100. Run from the checkout's root (installed or not: the GPU
+machine has the repository, not the package):
 
-    python experiments/gpu_benchmark.py --peers-dir .gpu_carry/peers --out bench.json
-    python experiments/gpu_benchmark.py --quick --only sinusoid --device cpu \\
+    python -m experiments.gpu.benchmark --peers-dir .gpu_carry/peers --out bench.json
+    python -m experiments.gpu.benchmark --quick --only sinusoid --device cpu \\
         --peers-python /work/peers-venv/bin/python              # CPU smoke test
 
-The device command (the `run` tool), after ``bash experiments/gpu_prepare.sh`` here has filled
+The device command (the `run` tool), after ``bash experiments/gpu/prepare.sh`` here has filled
 ``.gpu_carry/`` (the Omniglot zips and cache, a copy of ``shared/peers``, which does not
-travel by itself, and wheels of Hydra for gpu_omniglot.py); carry ``[".gpu_carry"]``, timeout_s
-560; one line, joined with spaces:
+travel by itself, and wheels of Hydra for `experiments.gpu.omniglot`); carry
+``[".gpu_carry"]``, timeout_s 560; one line, joined with spaces:
 
     export PYTHONUNBUFFERED=1; python3 -m pip install -q --no-index --no-deps --target /tmp/site
     .gpu_carry/wheels/*.whl && export PYTHONPATH=/tmp/site || exit; nvidia-smi -L; python3 -c
     "import jax, flax, optax,
     orbax.checkpoint, torch; print('jax', jax.__version__, jax.devices(), 'flax',
     flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)" 2>&1 |
-    tee $OUT/versions.log; timeout 300 python3 experiments/gpu_omniglot.py --data-dir
+    tee $OUT/versions.log; timeout 300 python3 -m experiments.gpu.omniglot --data-dir
     .gpu_carry/omniglot --cache-dir .gpu_carry/cache --time-budget-s 150 --out
-    $OUT/omniglot.json 2>&1 | tee $OUT/omniglot.log; timeout 230 python3
-    experiments/gpu_benchmark.py --peers-dir .gpu_carry/peers --out $OUT/bench.json 2>&1 |
+    $OUT/omniglot.json 2>&1 | tee $OUT/omniglot.log; timeout 230 python3 -m
+    experiments.gpu.benchmark --peers-dir .gpu_carry/peers --out $OUT/bench.json 2>&1 |
     tee $OUT/bench.log
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -42,15 +44,13 @@ from pathlib import Path
 # JAX takes most of the GPU's memory at start-up by default; the torch peers need some too.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo travels to the GPU uninstalled
-
-import bench_peers  # noqa: E402
-import benchmark  # noqa: E402
 import jax  # noqa: E402
 
 import metagrad as mg  # noqa: E402
+from experiments.bench import harness  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[2]
+PEER_ON_DEVICE = Path(__file__).resolve().with_name("peer_on_device.py")  # run by the peers' python
 PEER_IMPLS = {  # torch alone; the reference (autograd_loop) first where it is timed
     "sinusoid": ["autograd_loop", "torchfunc_vmap_bwd", "torchfunc_vmap", "torchfunc_loop"],
     "conv4": ["autograd_loop", "torchfunc_loop", "torchfunc_vmap_bwd"],
@@ -63,11 +63,9 @@ def parse_args(argv):
     p.add_argument("--only", default="sinusoid,conv4", help="sinusoid and/or conv4")
     p.add_argument("--archs", default="strided,maxpool")
     p.add_argument("--meta-batches", default="32,4")
-    p.add_argument("--conv-impl", default="lax", choices=benchmark.CONV_IMPLS)
+    p.add_argument("--conv-impl", default="lax", choices=harness.CONV_IMPLS)
     p.add_argument("--task-batching", default="vmap", choices=("vmap", "map"))
-    p.add_argument("--target-s", type=float, default=1.0, help="seconds per timed block")
-    p.add_argument("--blocks", type=int, default=3, help="timed blocks per configuration")
-    p.add_argument("--max-call-s", type=float, default=10.0)
+    harness.add_timing_args(p, harness.Timing(target_s=1.0, blocks=3, max_call_s=10.0))
     p.add_argument("--quick", action="store_true", help="fewer steps and peers: a smoke test")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--peers-python", default=sys.executable, help="a python with torch")
@@ -93,21 +91,22 @@ def parse_args(argv):
 
 
 def peers_dir(args) -> Path | None:
-    for candidate in (args.peers_dir, HERE.parent / ".gpu_carry" / "peers"):
+    for candidate in (args.peers_dir, REPO / ".gpu_carry" / "peers"):
         if candidate is not None and (Path(candidate) / "bench_sinusoid.py").is_file():
             return Path(candidate).resolve()  # the peers run from their own folder
     if args.peers_dir is not None:
         sys.exit(f"error: --peers-dir {args.peers_dir}: no bench_sinusoid.py there")
-    return bench_peers.default_peers_dir()
+    return harness.default_peers_dir()
 
 
 def run_ours(args) -> list[dict]:
+    timing = harness.timing_of(args)
     rows = []
     if "sinusoid" in args.only:
         print("sinusoid MAML", flush=True)
-        rows += benchmark.bench_sinusoid(args)
+        rows += harness.bench_sinusoid(timing, chunk=20 if args.quick else 200)
         for r in rows:
-            benchmark._print_progress(r)
+            harness.print_progress(r)
     if "conv4" in args.only:
         print(f"Conv4 MAML, {args.conv_impl} convolutions, {args.task_batching} over tasks")
         for arch in args.archs:
@@ -121,16 +120,15 @@ def run_ours(args) -> list[dict]:
                     "estimator": "maml",
                     "inner_steps": 1,
                 }
-                rows.append(benchmark.run_conv4(config, args, mg.maml(steps=1, lr=0.4), {}))
-                benchmark._print_progress(rows[-1])
+                rows.append(harness.run_conv4(config, timing, mg.maml(steps=1, lr=0.4), {}))
+                harness.print_progress(rows[-1])
     return rows
 
 
 def run_peers(args, where: Path, device: str) -> list[dict]:
-    prefix = (str(HERE / "peer_on_device.py"), "--device", device)
     n = 2 if args.quick else None
     print(f"PyTorch peers on {device} ({where})", flush=True)
-    return bench_peers.run_workloads(
+    return harness.run_peers(
         args.peers_python,
         where,
         only=args.only,
@@ -139,23 +137,21 @@ def run_peers(args, where: Path, device: str) -> list[dict]:
         quick=args.quick,
         threads=[args.peer_threads],
         impls={workload: names[:n] for workload, names in PEER_IMPLS.items()},
-        prefix=prefix,
+        prefix=(str(PEER_ON_DEVICE), "--device", device),
     )
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    env = benchmark.environment()
+    env = harness.environment()
     env["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
     device = args.device or ("cuda" if env["backend"] == "gpu" else "cpu")
     print(f"metagrad benchmark on {env['backend']} ({env['device']}, jax {env['jax']})", flush=True)
-    report = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}}
+    report = {"environment": env, "args": harness.args_dict(args)}
 
     def write(**parts):
         report.update(parts)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=1, default=str))
+        harness.write_json(args.out, report)
 
     results = run_ours(args)
     write(results=results)  # kept even if the peers fail or time out
@@ -165,8 +161,8 @@ def main(argv=None) -> dict:
         peers = run_peers(args, where, device)
     elif not args.no_peers:
         print("peers skipped: no peers directory (--peers-dir)", file=sys.stderr)
-    ratios = benchmark.add_ratios(results, peers)
-    benchmark.print_table(results, peers)
+    ratios = harness.add_ratios(results, peers)
+    harness.print_table(results, peers)
     for r in ratios:
         print(f"{r['ours']}: {r['ratio']:.2f} x {r['peer']} (torch threads {r['peer_threads']})")
     write(results=results, peers=peers, ratios=ratios, peers_device=device)

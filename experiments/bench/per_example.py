@@ -1,22 +1,23 @@
 """The JAX tutorial's per-example-gradient timing claim, as a ratio measured in one run.
 
 `vmap(grad(td_loss))` dispatched op by op against `jit(vmap(grad(td_loss)))` on the tutorial's
-TD(0) loss and batch. The tutorial saw 7.74 ms against 86.2 us (about 90x).
+TD(0) loss and batch, each timed as the other benchmarks are (`experiments.bench.harness`: the
+median of timed blocks after a warm-up call). The tutorial saw 7.74 ms against 86.2 us (about
+90x).
 
-    python experiments/bench_per_example.py [--batch 1] [--repeats 200] [--json out.json]
+    python -m experiments.bench.per_example [--batch 2] [--target-s 0.5] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 import metagrad as mg
+from experiments.bench import harness
 
 
 def _value_fn(theta, s):
@@ -27,25 +28,13 @@ def td_loss(theta, s_tm1, r_t, s_t):
     return mg.td_loss(_value_fn, theta, s_tm1, r_t, s_t)
 
 
-def time_call(fn, args, repeats: int, blocks: int = 5) -> float:
-    """Median over `blocks` of the mean seconds per call, after a warm-up call."""
-    jax.block_until_ready(fn(*args))
-    per_block = []
-    for _ in range(blocks):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        per_block.append((time.perf_counter() - start) / repeats)
-    return statistics.median(per_block)
-
-
-def main() -> dict:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2, help="examples per call (the tutorial: 2)")
-    parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--json", help="also write the result here")
-    args = parser.parse_args()
+    harness.add_timing_args(parser, harness.Timing(target_s=0.5, blocks=5, max_call_s=10.0))
+    args = parser.parse_args(argv)
+    timing = harness.timing_of(args)
 
     theta = jnp.array([0.1, -0.1, 0.0])
     batch = (
@@ -55,8 +44,8 @@ def main() -> dict:
     )
     unjitted = jax.vmap(jax.grad(td_loss), in_axes=(None, 0, 0, 0))
     jitted = mg.per_example_grads(td_loss, in_axes=(None, 0, 0, 0))
-    t_eager = time_call(unjitted, (theta, *batch), max(args.repeats // 10, 10))
-    t_jit = time_call(jitted, (theta, *batch), args.repeats)
+    t_eager = 1.0 / harness.time_calls(lambda: unjitted(theta, *batch), timing)["calls_per_s"]
+    t_jit = 1.0 / harness.time_calls(lambda: jitted(theta, *batch), timing)["calls_per_s"]
     result = {
         "batch": args.batch,
         "vmap_grad_s": t_eager,
