@@ -26,9 +26,9 @@ def default_task_batching(backend: str | None = None, *, convolutional: bool = F
     """The task batching to use when none is given: ``"map"`` for convolutional models on CPU,
     ``"vmap"`` everywhere else.
 
-    Measured on a 2-core CPU (second-order MAML, meta-steps/s of the CLI's training loop and of
-    ``experiments/benchmark.py``): the sinusoid MLP runs 1.13x faster with ``vmap`` (1,709 vs
-    1,510 meta-steps/s in 200-step chunks), Conv4 5-way 1-shot runs 1.04-1.06x faster with
+    Measured on a 2-core CPU (second-order MAML, meta-steps/s of the CLI's training loop and
+    of ``python -m experiments.bench.speed``): the sinusoid MLP runs 1.13x faster with ``vmap``
+    (1,709 vs 1,510 meta-steps/s in 200-step chunks), Conv4 5-way 1-shot runs 1.04-1.06x faster with
     ``lax.map`` (meta-batch 8: 10.6 vs 10.1; meta-batch 32: 4.5 vs 4.2). With per-task weights a
     convolution under ``vmap`` becomes a batched (grouped) convolution, which CPU XLA runs slowly
     (with ``lax.conv`` many times slower; with :mod:`metagrad.nn.conv`'s ``patches`` a little), and

@@ -56,7 +56,7 @@ class MemoryEstimateError(RuntimeError):
 def available_memory() -> int | None:
     """Bytes the default device can still allocate: the accelerator's limit, or on CPU the host's
     ``MemAvailable`` (None where neither is known)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     try:
