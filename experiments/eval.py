@@ -2,34 +2,46 @@
 
     python experiments/eval.py run_dir=PATH eval.shots=5 eval.inner_steps=10 [eval.checkpoint=last]
 
-Reads the run's resolved config (``PATH/.hydra/config.yaml``), applies the overrides, restores
-the checkpoint and writes ``PATH/eval_<overrides>.json`` (and ``.png``); the training run's own
-files are left untouched.
+Reads the run's resolved config (``PATH/.hydra/config.yaml``) into the schema of its own task,
+model and algorithm options, applies the overrides, restores the checkpoint and writes
+``PATH/eval_<overrides>.json`` (and ``.png``); the training run's own files are left untouched.
+A bad override, a config that does not fit the schema, or a missing or damaged checkpoint is one
+line naming the key or the file, and exit status 2.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from metagrad.experiment.config import Config, ConfigError, validate
+from experiments._hydra import one_line, quiet_library_logs, to_config
+from metagrad.experiment.config import GROUP_OPTIONS, Config, ConfigError, validate
+
+USAGE = "usage: python experiments/eval.py run_dir=PATH [key=value ...]"
 
 
 def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
     run_dirs = [a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")]
     overrides = [a for a in argv if not a.startswith("run_dir=")]
     if len(run_dirs) != 1:
-        raise ConfigError("usage: python experiments/eval.py run_dir=PATH [key=value ...]")
-    bad = [a for a in overrides if "=" not in a]
+        raise ConfigError(USAGE)
+    bad = [a for a in overrides if "=" not in a or a.startswith(("+", "~", "-"))]
     if bad:
         raise ConfigError(f"overrides must be key=value, got {bad}")
+    choices = [a for a in overrides if a.split("=", 1)[0] in GROUP_OPTIONS]
+    if choices:
+        raise ConfigError(
+            f"{choices[0]}: eval.py evaluates the run's own task, model and algorithm; "
+            "choose options when training (experiments/train.py)"
+        )
     return Path(run_dirs[0]), overrides
 
 
-def load_config(run_dir: Path, overrides: list[str]):
+def load_config(run_dir: Path, overrides: list[str]) -> Config:
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise ConfigError(
@@ -38,13 +50,36 @@ def load_config(run_dir: Path, overrides: list[str]):
         )
     if not (run_dir / "checkpoints").is_dir():
         raise ConfigError(f"run_dir={run_dir}: the run has no checkpoints/ folder")
-    schema = OmegaConf.structured(Config)
     try:
-        cfg = OmegaConf.merge(schema, OmegaConf.load(saved), OmegaConf.from_dotlist(overrides))
-    except Exception as e:  # OmegaConf's validation errors name the key
-        raise ConfigError(str(e).splitlines()[0]) from None
-    validate(cfg)
+        data = OmegaConf.load(saved)
+        options = {group: _option(data, group) for group in GROUP_OPTIONS}
+        schema = OmegaConf.structured(Config(**options))
+        run_cfg = OmegaConf.merge(schema, data)
+    except Exception as e:  # noqa: BLE001 - the saved file does not fit today's schema
+        raise ConfigError(f"run_dir={run_dir}: {saved.name} does not fit: {one_line(e)}") from None
+    try:
+        cfg = to_config(OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(overrides)))
+        validate(cfg)
+    except Exception as e:  # noqa: BLE001 - OmegaConf's and the dataclasses' checks
+        raise ConfigError(one_line(e, overrides)) from None
     return cfg
+
+
+def _option(data, group: str):
+    """The dataclass of the option the run chose for ``group`` (its saved ``name``)."""
+    name = OmegaConf.select(data, f"{group}.name")
+    options = GROUP_OPTIONS[group]
+    if name not in options:
+        raise ConfigError(f"{group}.name={name!r}: must be one of {', '.join(options)}")
+    return options[name]()
+
+
+def output_name(overrides: list[str]) -> str:
+    """``eval_<overrides>.json``, shortened with a hash where it would be too long a file name."""
+    tag = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "_".join(overrides)) or "default"
+    if len(tag) > 150:
+        tag = f"{tag[:120]}_{hashlib.sha256(tag.encode()).hexdigest()[:12]}"
+    return f"eval_{tag}.json"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,19 +90,28 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    quiet_library_logs()
     from metagrad.experiment.checkpoint import Checkpoints
-    from metagrad.outer import meta_learner
     from metagrad.experiment.loop import Experiment, evaluate_checkpoint, write_results
+    from metagrad.outer import meta_learner
 
-    exp = Experiment.from_config(cfg)
-    template = meta_learner(exp.model.loss_fn, exp.estimator, exp.optimizer, jit=False).init(
-        exp.meta_params
-    )
-    ckpt = Checkpoints(run_dir)
-    results = evaluate_checkpoint(exp, ckpt, template, which=cfg.eval.checkpoint)
-    ckpt.close()
-    tag = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "_".join(overrides)) or "default"
-    name = f"eval_{tag}.json"
+    try:
+        exp = Experiment.from_config(cfg)
+        template = meta_learner(exp.model.loss_fn, exp.estimator, exp.optimizer, jit=False).init(
+            exp.meta_params
+        )
+        ckpt = Checkpoints(run_dir)
+        try:
+            results = evaluate_checkpoint(exp, ckpt, template, which=cfg.eval.checkpoint)
+        finally:
+            ckpt.close()
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError, data paths
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"stopped: evaluation of {run_dir} interrupted; nothing written", file=sys.stderr)
+        sys.exit(130)
+    name = output_name(overrides)
     write_results(exp, run_dir, results, name)
     steps = results["eval_inner_steps"]
     metric = "acc" if "eval_acc_post" in results else "loss"

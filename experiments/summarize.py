@@ -26,10 +26,15 @@ def collect(sweep_dir: Path, metric: str) -> dict[str, list[float]]:
         overrides_file = metrics_file.parent / ".hydra" / "overrides.yaml"
         overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
         setting = " ".join(o for o in overrides if not o.lstrip("+").startswith("seed="))
-        value = json.loads(metrics_file.read_text()).get(metric)
-        if value is None:
+        metrics = json.loads(metrics_file.read_text())
+        if metric not in metrics:
             raise KeyError(f"{metrics_file} has no {metric!r}")
-        groups[setting or "(defaults)"].append(float(value))
+        if metrics[metric] is None:  # a non-finite value, written as null
+            print(
+                f"warning: {metrics_file}: {metric} is null (not finite); left out", file=sys.stderr
+            )
+            continue
+        groups[setting or "(defaults)"].append(float(metrics[metric]))
     return groups
 
 

@@ -1,7 +1,11 @@
 """Meta-train from the command line: ``python experiments/train.py task=sinusoid algo=maml``.
 
-Hydra composes the config (conf/), the schema in metagrad.experiment.config checks types, and
-metagrad.experiment.config.validate checks values, all before anything is built or compiled. ``-m`` sweeps.
+Before Hydra starts (and writes ``.hydra/`` into a run directory), the command line is composed
+as Hydra will compose it, every job of a ``-m`` sweep too, and checked: the per-option schemas
+(metagrad.experiment.config) refuse keys the chosen options do not have, wrong types and Enum
+values; each dataclass's ``__post_init__`` the ranges; ``validate`` the rules across nodes. A
+refusal is one line naming the key, exit status 2. Hydra's own groups and keys
+(``hydra/launcher=...``, ``hydra/job_logging=disabled``, ``hydra.run.dir=...``) pass through.
 """
 
 from __future__ import annotations
@@ -13,29 +17,34 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments._hydra import check_override_types, quiet_library_logs
-from metagrad.experiment.config import ConfigError, validate
+from experiments._hydra import check_command_line, one_line, quiet_library_logs, to_config
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(dict_cfg: DictConfig) -> float:
     try:
-        validate(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        cfg = to_config(dict_cfg)
+    except Exception as e:  # noqa: BLE001 - OmegaConf's and the dataclasses' checks
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     quiet_library_logs()
+    from metagrad.experiment.chunks import MemoryEstimateError
     from metagrad.experiment.distributed import is_primary
-    from metagrad.experiment.loop import NonFiniteLoss, train  # after validation: bad input is fast
+    from metagrad.experiment.loop import DiskFull, NonFiniteLoss, TrainingInterrupted, train
+    from metagrad.experiment.runlog import RunDirLocked
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        results = train(cfg, run_dir)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        results = train(cfg, run_dir)  # validates cfg before anything is built
+    except (FileNotFoundError, FileExistsError, ValueError, RunDirLocked, MemoryEstimateError) as e:
+        print(f"error: {e}", file=sys.stderr)  # refused: nothing trained
         sys.exit(2)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except TrainingInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(130)
     keys = [
         k
         for k in ("eval_loss_pre", "eval_loss_post", "eval_acc_pre", "eval_acc_post")
@@ -53,5 +62,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    check_override_types(sys.argv[1:])
+    check_command_line(sys.argv[1:])
     main()

@@ -1,5 +1,6 @@
 """From a validated `Config` to the objects the training loop runs: model, loss, estimator,
-outer optimizer and task source. Each algorithm's name maps to engine options here, in one place.
+outer optimizer and task source. Each group option's dataclass (`metagrad.experiment.config`)
+says what it means; this module turns it into the objects, in one place.
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ from flax import nnx
 from metagrad import nn as mnn
 from metagrad._types import MetaParams, Task
 from metagrad.estimators import MetaGradEstimator, learned_rates, make_estimator
+from metagrad.experiment.config import (
+    BNPolicy,
+    Conv4Config,
+    Conv4QuantConfig,
+    Curvature,
+    IMAMLConfig,
+    MLPQuantConfig,
+    OuterOptimizer,
+    Schedule,
+    SinusoidConfig,
+)
 from metagrad.nn.losses import with_support_context
 from metagrad.outer import default_task_batching
 from metagrad.tasks import sinusoid
@@ -49,7 +61,7 @@ class TaskSource:
 
 def build_task_source(cfg) -> TaskSource:
     t = cfg.task
-    if t.name == "sinusoid":
+    if isinstance(t, SinusoidConfig):
 
         def sample_train(data, key, batch_size):
             return sinusoid.sample_batch_flat(key, batch_size, shots=t.shots, query=t.query)
@@ -72,7 +84,7 @@ def omniglot_task_source(cfg) -> TaskSource:
     from metagrad.tasks import omniglot  # Pillow and the data are needed only here
 
     t = cfg.task
-    splits = omniglot.omniglot_splits(t.data_dir, cache_dir=t.cache_dir, split=t.split)
+    splits = omniglot.omniglot_splits(t.data_dir, cache_dir=t.cache_dir, split=str(t.split))
     e = cfg.eval
     for name in ("train", "val", "test"):  # raises a clear error for ways/shots/query too large
         shots = t.shots if name == "train" else (e.shots or t.shots)
@@ -82,7 +94,8 @@ def omniglot_task_source(cfg) -> TaskSource:
 
     # The "support" batch-norm policy normalises query images with support statistics, so
     # the query batches carry the support images (metagrad.nn.losses.forward).
-    finish = with_support_context if cfg.model.bn_policy == "support" else (lambda task: task)
+    support = isinstance(cfg.model, Conv4Config) and cfg.model.bn_policy == BNPolicy.support
+    finish = with_support_context if support else (lambda task: task)
 
     def sample_train(images, key, batch_size):
         keys = jax.random.split(key, batch_size)
@@ -102,67 +115,64 @@ def omniglot_task_source(cfg) -> TaskSource:
 def build_model(cfg, key: jax.Array) -> Model:
     m, steps = cfg.model, cfg.inner.steps
     rngs = nnx.Rngs(params=key)
-    quant = dict(weight_bits=m.weight_bits, act_bits=m.act_bits, quantizer=m.quantizer)
-    if m.name in ("mlp", "mlp_quant"):
-        cls = mnn.MLP if m.name == "mlp" else partial(mnn.QuantMLP, **quant)
+    if not isinstance(m, Conv4Config):  # the MLPs
+        cls = (
+            partial(mnn.QuantMLP, **m.quant_kwargs()) if isinstance(m, MLPQuantConfig) else mnn.MLP
+        )
         # Under one jit: eager initialisers compile every primitive on its own (seconds on CPU).
         module = nnx.jit(lambda k: cls(1, tuple(m.hidden), 1, rngs=nnx.Rngs(params=k)))(key)
         params, apply = mnn.functional(module)
         return Model(params, apply, mnn.mse_loss(apply), None, False)
     conv_kw = dict(
         hidden=m.channels,
-        downsample=m.downsample,
-        conv_impl=m.conv_impl,
-        bn_policy=m.bn_policy,
+        downsample=str(m.downsample),
+        conv_impl=str(m.conv_impl),
+        bn_policy=str(m.bn_policy),
         steps=max(steps, 1),
         rngs=rngs,
     )
-    if m.name == "conv4":
-        module = mnn.Conv4(1, cfg.task.ways, **conv_kw)
+    if isinstance(m, Conv4QuantConfig):
+        module = mnn.QuantConv4(1, cfg.task.ways, **conv_kw, **m.quant_kwargs())
     else:
-        module = mnn.QuantConv4(1, cfg.task.ways, **conv_kw, **quant)
+        module = mnn.Conv4(1, cfg.task.ways, **conv_kw)
     params, apply = mnn.functional(module)
-    step_arg = m.bn_policy == "per_step"
+    step_arg = m.bn_policy == BNPolicy.per_step
     return Model(params, apply, mnn.cross_entropy_loss(apply), mnn.accuracy(apply), step_arg)
 
 
 def inner_mask(cfg, params):
     """Which parameters adapt (ANIL: the head; optionally not batch norm), or None for all."""
     a = cfg.algo
-    if a.head_only or not a.adapt_batchnorm:
-        return mnn.adapt_mask(params, head_only=a.head_only, adapt_batchnorm=a.adapt_batchnorm)
+    if a.HEAD_ONLY or not a.adapts_batchnorm:
+        return mnn.adapt_mask(params, head_only=a.HEAD_ONLY, adapt_batchnorm=a.adapts_batchnorm)
     return None
 
 
 def build_estimator(cfg, model: Model) -> MetaGradEstimator:
-    """The registry's estimator for ``algo.name``, with the inner loop the config describes."""
+    """The registry's estimator for ``algo.name``: the inner loop the config describes and the
+    algorithm's own keywords (``cfg.algo.estimator_kwargs()``)."""
     a, inner = cfg.algo, cfg.inner
     kw = dict(
         steps=inner.steps,
         remat=inner.remat,
         metrics_fn=model.metrics_fn,
         mask=inner_mask(cfg, model.params),
+        **a.estimator_kwargs(),
     )
-    if not a.learn_lr:  # learned rates come from MetaParams.lr (initial_meta_params)
+    if not a.learns_lr:  # learned rates come from MetaParams.lr (initial_meta_params)
         kw["lr"] = inner.lr
-    if a.name in ("maml", "fomaml", "anil", "metasgd", "mamlpp"):
-        kw.update(per_step=a.per_step_lr, step_arg=model.step_arg)
-    if a.name in ("maml", "anil"):
-        kw["first_order"] = a.first_order
-    if a.name == "mamlpp":
-        kw.update(anneal_steps=a.msl_anneal_steps, first_order_until=a.first_order_until)
-    if a.name == "imaml":
-        kw.update(reg=a.reg, cg_iters=a.cg_iters, cg_tol=a.cg_tol, damping=a.damping)
-        kw["curvature"] = a.curvature
-        if a.curvature == "gauss_newton":  # the loss split as output_loss(apply(params, x), y)
-            kw.update(predict_fn=model.apply, output_loss=_output_loss(cfg))
+    if a.PASSES_STEP:
+        kw["step_arg"] = model.step_arg
+    if isinstance(a, IMAMLConfig) and a.curvature == Curvature.gauss_newton:
+        # the loss split as output_loss(apply(params, x), y)
+        kw.update(predict_fn=model.apply, output_loss=_output_loss(cfg))
     return make_estimator(a.name, **kw)
 
 
 def _output_loss(cfg) -> Callable:
     """The model's loss as a function of its outputs and targets (what `mnn.mse_loss` and
     `mnn.cross_entropy_loss` apply), for iMAML's Gauss-Newton curvature."""
-    if cfg.task.name == "sinusoid":
+    if isinstance(cfg.task, SinusoidConfig):
         return lambda z, y: jnp.mean((z - y) ** 2)
     return lambda z, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, y))
 
@@ -170,13 +180,13 @@ def _output_loss(cfg) -> Callable:
 def build_optimizer(cfg) -> optax.GradientTransformation:
     o = cfg.outer
     lr = o.lr
-    if o.schedule == "cosine":
+    if o.schedule == Schedule.cosine:
         lr = optax.cosine_decay_schedule(
             o.lr, decay_steps=max(cfg.train.steps, 1), alpha=o.min_lr_ratio
         )
-    elif o.schedule == "linear":  # Reptile's annealed outer step size
+    elif o.schedule == Schedule.linear:  # Reptile's annealed outer step size
         lr = optax.linear_schedule(o.lr, o.lr * o.min_lr_ratio, max(cfg.train.steps, 1))
-    opt = optax.adam(lr) if o.optimizer == "adam" else optax.sgd(lr)
+    opt = optax.adam(lr) if o.optimizer == OuterOptimizer.adam else optax.sgd(lr)
     if o.clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
     return opt
@@ -186,11 +196,11 @@ def initial_meta_params(cfg, model: Model) -> MetaParams:
     """The model's initial parameters and, for Meta-SGD and MAML++, learned inner rates
     initialised at ``inner.lr`` (per entry or per tensor, per step for MAML++)."""
     a = cfg.algo
-    if not a.learn_lr:
+    if not a.learns_lr:
         return MetaParams(model.params)
-    steps = cfg.inner.steps if a.per_step_lr else None
+    steps = cfg.inner.steps if a.per_step_rates else None
     rates = learned_rates(
-        model.params, cfg.inner.lr, per_element=a.lr_per_element, steps=steps, dtype=jnp.float32
+        model.params, cfg.inner.lr, per_element=a.per_element_rates, steps=steps, dtype=jnp.float32
     )
     return MetaParams(model.params, rates)
 
@@ -199,6 +209,6 @@ def resolve_task_batching(cfg) -> str | int:
     """``train.task_batching``; ``auto`` is :func:`metagrad.outer.default_task_batching`."""
     tb = str(cfg.train.task_batching)
     if tb == "auto":
-        convolutional = cfg.model.name in ("conv4", "conv4_quant")
+        convolutional = isinstance(cfg.model, Conv4Config)
         return default_task_batching(jax.default_backend(), convolutional=convolutional)
     return int(tb) if tb.isdigit() else tb
