@@ -54,7 +54,6 @@ MISSING_EXAMPLES = {
     "metagrad.estimators.head_only",
     "metagrad.experiment.Config",
     "metagrad.experiment.ConfigError",
-    "metagrad.experiment.validate",
     "metagrad.inner.UpdateRule",
     "metagrad.inner.optax_rule",
     "metagrad.inner.path_str",

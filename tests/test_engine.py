@@ -165,6 +165,7 @@ def test_optax_inner_optimizer_is_differentiable(key):
     assert mg.check_meta_grad(est, mlp_loss, meta_params, task) < 1e-5
 
 
+@pytest.mark.slow  # 4-6 s: several second-order programs to compile
 def test_mamlpp_multi_step_loss_matches_finite_differences_and_weights(key):
     k1, k2 = jax.random.split(key)
     params, task = mlp_params(k1), mlp_task(k2)
@@ -260,6 +261,7 @@ def test_imaml_gauss_newton_equals_closed_form_on_linear_model(key):
     assert metrics["cg_residual"] < 1e-10
 
 
+@pytest.mark.slow  # 4-6 s: several second-order programs to compile
 def test_imaml_gauss_newton_equals_dense_solve_on_mlp(key):
     # g = (I + J^T (2/n) J / reg)^{-1} grad L(phi; Q), with J the Jacobian of the outputs at phi.
     k1, k2 = jax.random.split(key)
@@ -310,6 +312,7 @@ def _grads(est, meta_params, tasks, task_batching="vmap"):
     ]
 
 
+@pytest.mark.slow  # 4-6 s: several second-order programs to compile
 def test_remat_unroll_and_task_batching_give_the_same_meta_gradients(key):
     k1, k2 = jax.random.split(key)
     mp = MetaParams(mlp_params(k1))

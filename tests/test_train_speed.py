@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metagrad.experiment import chunks
 from metagrad.experiment import loop as mt
 from metagrad.experiment.config import Config
 from metagrad.outer import meta_learner
@@ -26,11 +27,11 @@ def test_presampled_chunk_trains_like_sampling_inside_each_step(exp):
     learner = meta_learner(exp.model.loss_fn, exp.estimator, exp.optimizer, jit=False)
     marker = jnp.zeros((20, 0))
     states = {}
-    for budget in (0, mt.PRESAMPLE_BYTES):  # 0: every step samples its own tasks
-        run = mt._chunk_fn(exp, learner, presample_bytes=budget)
+    for budget in (0, chunks.PRESAMPLE_BYTES):  # 0: every step samples its own tasks
+        run = chunks._chunk_fn(exp, learner, presample_bytes=budget)
         state = learner.init(exp.meta_params)
         for _ in range(2):  # the second chunk starts at step 20: the stream follows the step
-            state, metrics = run(state, None, marker)
+            state, metrics = run(state, exp.source.train_data, marker)
         states[budget] = (state, metrics)
     (a, ma), (b, mb) = states.values()
     assert int(a.step) == int(b.step) == 40
