@@ -69,7 +69,8 @@ def test_evaluation_curve_at_training_steps_equals_training_objective(key, name,
 def test_meta_params_must_be_typed(key):
     params, loss_fn, _ = _sinusoid_setup(key)
     learner = mg.meta_learner(loss_fn, mg.maml(steps=1, lr=0.1), optax.sgd(0.1))
-    with pytest.raises(TypeError, match=r"must be metagrad.MetaParams.*got a dict with keys \[.head., .hidden_0.\]"):
+    bare = r"must be metagrad.MetaParams.*got a dict with keys \[.head., .hidden_0.\]"
+    with pytest.raises(TypeError, match=bare):
         learner.init(params)  # the model's bare params dict
     with pytest.raises(TypeError, match=r"keys \['lr', 'params'\]"):
         learner.init({"params": params, "lr": 0.1})
@@ -142,7 +143,7 @@ def test_conv4_support_policy_is_not_transductive(key):
     params, apply = functional(Conv4(1, 3, hidden=4, bn_policy="support", rngs=nnx.Rngs(0)))
     k1, k2 = jax.random.split(key)
     xs, xq = jax.random.normal(k1, (3, 16, 16, 1)), jax.random.normal(k2, (4, 16, 16, 1))
-    ys, yq = jnp.arange(3), jnp.arange(4) % 3
+    yq = jnp.arange(4) % 3
     loss = cross_entropy_loss(apply)
     whole = jax.vmap(lambda x, y: loss(params, (x[None], y[None], xs)))(xq, yq)
     together = loss(params, (xq, yq, xs))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from metagrad.experiment import Config, NonFiniteLoss, train
-from metagrad.experiment.checkpoint import Checkpoints, CheckpointError
+from metagrad.experiment.checkpoint import CheckpointError, Checkpoints
 from metagrad.experiment.chunks import MemoryEstimateError
 from metagrad.experiment.loop import DiskFull
 from metagrad.experiment.runlog import RunDirLocked, RunLog, read_log
@@ -61,8 +61,9 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from metagrad.experiment.runlog import RunLock;"
-            f"lock = RunLock({str(run_dir)!r}).acquire(); print('held', flush=True); time.sleep(60)",
+            "import time; from metagrad.experiment.runlog import RunLock;"
+            f"lock = RunLock({str(run_dir)!r}).acquire(); print('held', flush=True);"
+            "time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
         text=True,

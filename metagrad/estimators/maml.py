@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp  # noqa: F401 (the examples use it)
 
 from metagrad._types import LossFn, MetricsFn, PyTree
 from metagrad.estimators.base import InnerLoop, MetaGradEstimator, adaptation_metrics, query_loss
