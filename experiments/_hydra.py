@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -201,14 +202,26 @@ def jobs_of(overrides: list[str], *, multirun: bool) -> list[list[str]]:
     return jobs
 
 
-def check_command_line(argv: list[str]) -> None:
+@dataclasses.dataclass
+class CommandLine:
+    """What the pre-check learnt: overrides to add before Hydra starts (a resume's own options,
+    and a folder for this invocation's Hydra files so the run's own config is never
+    overwritten), and the run directory this command creates, to remove if the run is refused."""
+
+    extra_overrides: list[str] = dataclasses.field(default_factory=list)
+    new_run_dir: Path | None = None
+
+
+def check_command_line(argv: list[str]) -> CommandLine:
     """Composes and validates every job a ``train.py`` command line describes, as Hydra will,
     before Hydra writes anything (it saves ``.hydra/config.yaml`` into the run directory before
     the task starts); a refusal is one line naming the key on stderr, and exit status 2.
 
-    Commands that only print (``--help``, ``--hydra-help``, ``--info``, shell completion) and
-    those that move the config search path (``--config-path``, ``--config-dir``) are Hydra's
-    alone; the task checks their configs when it starts.
+    A run directory that holds a run is refused unless ``train.resume=true``; a resume is checked
+    against the run's saved config (:func:`resume_config`). Commands that only print
+    (``--help``, ``--hydra-help``, ``--info``, shell completion) and those that move the config
+    search path (``--config-path``, ``--config-dir``) are Hydra's alone; the task checks their
+    configs when it starts.
     """
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
@@ -223,13 +236,15 @@ def check_command_line(argv: list[str]) -> None:
         or args.config_dir
         or args.experimental_rerun
     ):
-        return
+        return CommandLine()
     multirun = args.multirun or "hydra.mode=MULTIRUN" in args.overrides
     try:
-        jobs = jobs_of(args.overrides, multirun=multirun)
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            for overrides in jobs:
+            if not multirun:
+                return _check_run(compose, args.overrides, args.config_name or "config")
+            for overrides in jobs_of(args.overrides, multirun=multirun):
                 _compose(compose, overrides, args.config_name or "config")
+            return CommandLine()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -238,6 +253,148 @@ def check_command_line(argv: list[str]) -> None:
             raise
         print(f"error: {one_line(e, args.overrides)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _check_run(compose, overrides: list[str], config_name: str) -> CommandLine:
+    given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    run_dir = Path(given["hydra.run.dir"]) if "hydra.run.dir" in given else None
+    new_run_dir = run_dir if run_dir is not None and not run_dir.exists() else None
+    resume = "train.resume" in given and OmegaConf.from_dotlist(
+        [f"x={given['train.resume']}"]
+    ).x in (True, "true", "True")
+    if not resume:
+        _compose(compose, overrides, config_name)  # a bad value first, named
+        if run_dir is not None and holds_run(run_dir):
+            raise ConfigError(
+                f"hydra.run.dir={run_dir} already holds a run; pass train.resume=true to "
+                "continue it, or choose a new run directory"
+            )
+        return CommandLine(new_run_dir=new_run_dir)
+    if run_dir is None:
+        raise ConfigError("train.resume=true needs hydra.run.dir=<the directory of the run>")
+    if not holds_run(run_dir):
+        raise ConfigError(
+            f"train.resume=true, but hydra.run.dir={run_dir} holds no run to resume: check the "
+            "path, or drop train.resume to start a new run there"
+        )
+    saved = saved_config(run_dir)
+    # Hydra composes the run's own options, so that their keys can be given.
+    own = [f"{g}={saved[g].name}" for g in GROUP_OPTIONS if g not in given]
+    composed = _compose(compose, [*overrides, *own], config_name)
+    resume_config(run_dir, overrides, composed)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    return CommandLine([*own, f"hydra.output_subdir=.hydra/resumes/{stamp}"], None)
+
+
+# ---------------------------------------------------------------------------------------------
+# A saved run: its own config, and what a resume may change.
+
+# Keys a resume may set to another value: they do not change what the run computes (a larger
+# train.steps continues it; a schedule over train.steps is refused below).
+RESUME_MAY_CHANGE = (
+    "train.steps",
+    "train.resume",
+    "train.progress",
+    "train.tensorboard",
+    "train.devices",
+    "train.memory_check",
+    "eval.figure",
+    "distributed.",
+)
+
+
+def saved_config(run_dir: Path) -> DictConfig:
+    """The run's own config (``.hydra/config.yaml``, written when it started) in the schema of
+    its own task, model and algorithm options; a `ConfigError` when it is missing or does not
+    fit."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(
+            f"{run_dir}: no .hydra/config.yaml there; pass the directory of a run made by "
+            "experiments/train.py"
+        )
+    try:
+        data = OmegaConf.load(saved)
+        options = {group: _saved_option(data, group) for group in GROUP_OPTIONS}
+        return OmegaConf.merge(OmegaConf.structured(Config(**options)), data)
+    except Exception as e:  # noqa: BLE001 - the saved file does not fit today's schema
+        raise ConfigError(f"{run_dir}: {saved.name} does not fit: {one_line(e)}") from None
+
+
+def _saved_option(data, group: str):
+    name = OmegaConf.select(data, f"{group}.name")
+    options = GROUP_OPTIONS[group]
+    if name not in options:
+        raise ConfigError(f"{group}.name={name!r}: must be one of {', '.join(options)}")
+    return options[name]()
+
+
+def saved_config_with(run_dir: Path, overrides: list[str]) -> Config:
+    """:func:`saved_config` with ``key=value`` overrides applied, checked and validated."""
+    base = saved_config(run_dir)
+    try:
+        cfg = to_config(OmegaConf.merge(base, OmegaConf.from_dotlist(overrides)))
+        validate(cfg)
+    except Exception as e:  # noqa: BLE001 - OmegaConf's and the dataclasses' checks
+        raise ConfigError(one_line(e, overrides)) from None
+    return cfg
+
+
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / ".hydra" / "config.yaml").is_file() or (run_dir / "checkpoints").is_dir()
+
+
+def _flat(cfg: Config) -> dict:
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), "")
+    return out
+
+
+def resume_config(run_dir: Path, overrides: list[str], composed: Config | None = None) -> Config:
+    """The config a ``train.resume=true`` run continues with: the run's saved config, with only
+    the ``key=value`` overrides given applied. A change that alters what the run computes is
+    refused naming the keys with their old and new values (see `RESUME_MAY_CHANGE`); so is a
+    group choice or preset on the command line that describes another run than the saved one
+    (``composed``: the command as Hydra composed it)."""
+    keyvals = [
+        o for o in overrides if "=" in o and not _is_choice(o) and not o.startswith("hydra.")
+    ]
+    saved = saved_config_with(run_dir, [])
+    resumed = saved_config_with(run_dir, keyvals)
+    old, new = _flat(saved), _flat(resumed)
+    proposed = {k: v for k, v in new.items() if old.get(k) != v}
+    if composed is not None and any(_is_choice(o) for o in overrides):
+        explicit = {o.split("=", 1)[0].lstrip("+~") for o in keyvals}
+        for k, v in _flat(composed).items():  # what the command's choices and presets say
+            if k not in explicit and old.get(k) != v:
+                proposed[k] = v
+    refused = [k for k in proposed if not k.startswith(RESUME_MAY_CHANGE)]
+    if "train.steps" in proposed and (
+        proposed["train.steps"] < old["train.steps"] or old["outer.schedule"] != "constant"
+    ):  # fewer steps than configured, or a schedule that decays over train.steps
+        refused.append("train.steps")
+    if refused:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {proposed[k]!r}" for k in refused)
+        raise ConfigError(
+            f"train.resume=true would change the run in {run_dir}: {diffs}. A resume continues "
+            "the run as it was configured (it may raise train.steps and change logging, "
+            "progress and device keys); start a new run directory for other settings"
+        )
+    return resumed
+
+
+def _is_choice(override: str) -> bool:
+    """A group choice or preset (``algo=reptile``, ``+experiment=...``), not a key's value."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key in GROUP_OPTIONS or key in ("experiment", "hparams_search") or "/" in key
 
 
 def quiet_library_logs() -> None:

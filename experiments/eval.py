@@ -16,10 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from experiments._hydra import one_line, quiet_library_logs, to_config
-from metagrad.experiment.config import GROUP_OPTIONS, Config, ConfigError, validate
+from experiments._hydra import quiet_library_logs, saved_config_with
+from metagrad.experiment.config import GROUP_OPTIONS, Config, ConfigError
 
 USAGE = "usage: python experiments/eval.py run_dir=PATH [key=value ...]"
 
@@ -42,36 +40,16 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
 
 
 def load_config(run_dir: Path, overrides: list[str]) -> Config:
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(
-            f"run_dir={run_dir}: no {saved.relative_to(run_dir)} there; pass the "
-            "directory of a run made by experiments/train.py"
-        )
-    if not (run_dir / "checkpoints").is_dir():
+    """The run's saved config with the evaluation overrides applied (one line on an error)."""
+    if not (run_dir / "checkpoints").is_dir() and (run_dir / ".hydra" / "config.yaml").is_file():
         raise ConfigError(f"run_dir={run_dir}: the run has no checkpoints/ folder")
     try:
-        data = OmegaConf.load(saved)
-        options = {group: _option(data, group) for group in GROUP_OPTIONS}
-        schema = OmegaConf.structured(Config(**options))
-        run_cfg = OmegaConf.merge(schema, data)
-    except Exception as e:  # noqa: BLE001 - the saved file does not fit today's schema
-        raise ConfigError(f"run_dir={run_dir}: {saved.name} does not fit: {one_line(e)}") from None
-    try:
-        cfg = to_config(OmegaConf.merge(run_cfg, OmegaConf.from_dotlist(overrides)))
-        validate(cfg)
-    except Exception as e:  # noqa: BLE001 - OmegaConf's and the dataclasses' checks
-        raise ConfigError(one_line(e, overrides)) from None
-    return cfg
-
-
-def _option(data, group: str):
-    """The dataclass of the option the run chose for ``group`` (its saved ``name``)."""
-    name = OmegaConf.select(data, f"{group}.name")
-    options = GROUP_OPTIONS[group]
-    if name not in options:
-        raise ConfigError(f"{group}.name={name!r}: must be one of {', '.join(options)}")
-    return options[name]()
+        return saved_config_with(run_dir, overrides)
+    except ConfigError as e:
+        message = str(e)
+        if message.startswith(str(run_dir)):  # about the run, not a key
+            message = f"run_dir={message}"
+        raise ConfigError(message) from None
 
 
 def output_name(overrides: list[str]) -> str:

@@ -10,20 +10,37 @@ refusal is one line naming the key, exit status 2. Hydra's own groups and keys
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from experiments._hydra import check_command_line, one_line, quiet_library_logs, to_config
+from experiments._hydra import (
+    CommandLine,
+    check_command_line,
+    one_line,
+    quiet_library_logs,
+    resume_config,
+    to_config,
+)
+
+COMMAND = CommandLine()  # what the pre-check learnt, set before Hydra starts
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dict_cfg: DictConfig) -> float:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = to_config(dict_cfg)
+        if cfg.train.resume:  # the run's saved config, with only the overrides given
+            cfg = resume_config(run_dir, list(HydraConfig.get().overrides.task))
+            # This invocation's record holds what it continues with (Hydra wrote its own
+            # composition there; the run's own .hydra/config.yaml stays as it was).
+            record = run_dir / HydraConfig.get().output_subdir / "config.yaml"
+            record.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     except Exception as e:  # noqa: BLE001 - OmegaConf's and the dataclasses' checks
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
@@ -32,12 +49,12 @@ def main(dict_cfg: DictConfig) -> float:
     from metagrad.experiment.distributed import is_primary
     from metagrad.experiment.loop import DiskFull, NonFiniteLoss, TrainingInterrupted, train
     from metagrad.experiment.runlog import RunDirLocked
-
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         results = train(cfg, run_dir)  # validates cfg before anything is built
     except (FileNotFoundError, FileExistsError, ValueError, RunDirLocked, MemoryEstimateError) as e:
         print(f"error: {e}", file=sys.stderr)  # refused: nothing trained
+        if COMMAND.new_run_dir is not None:  # nor left behind: Hydra's files included
+            shutil.rmtree(COMMAND.new_run_dir, ignore_errors=True)
         sys.exit(2)
     except (NonFiniteLoss, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -62,5 +79,6 @@ def main(dict_cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv[1:])
+    COMMAND = check_command_line(sys.argv[1:])
+    sys.argv += COMMAND.extra_overrides
     main()

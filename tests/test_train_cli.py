@@ -276,23 +276,69 @@ def test_killed_run_resumes_bit_identically(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
+def test_non_finite_run_stops_with_exit_1_and_writes_no_non_finite_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = cli("train.py", *TINY, "inner.lr=1e30", f"hydra.run.dir={run}", check=False)
+    assert proc.returncode == 1 and re.search(r"(meta_loss|grad_norm) became", proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1
+    last = run / "checkpoints" / "last"
+    assert not last.exists() or not any(p.name.isdigit() for p in last.iterdir())
+
+
+def _snapshot(run_dir):
+    """Every file of a run directory, byte for byte."""
+    return {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["inner.steps=-1"], "inner.steps=-1: must be >= 0"),
+        ([], "already holds a run; pass train.resume=true"),
+        (["train.resume=true", "inner.lr=0.05"], "would change the run .*inner.lr: 0.01 -> 0.05"),
+        (["train.resume=true", "model.hidden=[32]"], r"model.hidden: \[16\] -> \[32\]"),
+        (["train.resume=true", "algo=reptile"], "algo.name: 'maml' -> 'reptile'"),
+        (["train.resume=true", "train.steps=200"], r"train.steps: 300 -> 200"),
+    ],
+    ids=["bad-value", "no-resume", "resume-lr", "resume-model", "resume-algo", "fewer-steps"],
+)
+def test_refused_command_leaves_an_existing_run_byte_for_byte(tiny_run, args, message):
+    before = _snapshot(tiny_run)
+    proc = cli("train.py", *TINY, *args, f"hydra.run.dir={tiny_run}", check=False)
+    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert _snapshot(tiny_run) == before
+
+
+def test_resume_continues_the_saved_run_with_only_the_overrides_given(tiny_run, tmp_path):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    proc = cli(
-        "train.py",
-        *TINY,
-        "train.steps=600",
-        "inner.lr=1e30",
-        "train.resume=true",
-        f"hydra.run.dir={run}",
-        check=False,
-    )
-    assert proc.returncode != 0 and re.search(r"meta[-_]loss became", proc.stderr)
-    step, params = final_params(run)
-    assert step == 300 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    config = (run / ".hydra" / "config.yaml").read_bytes()
+    # The README's resume command alone: the saved config (seed, model, steps) is the base.
+    cli("train.py", "train.resume=true", "train.steps=400", f"hydra.run.dir={run}")
+    assert (run / ".hydra" / "config.yaml").read_bytes() == config  # the run's own, unchanged
+    (record,) = (run / ".hydra" / "resumes").glob("*/config.yaml")
+    assert "steps: 400" in record.read_text() and "- 16" in record.read_text()
+    step, _ = final_params(run)
+    assert step == 400
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 400
+
+
+def test_resume_of_a_directory_without_a_run_is_refused_and_creates_nothing(tmp_path):
+    proc = cli("train.py", "train.resume=true", f"hydra.run.dir={tmp_path / 'typo'}", check=False)
+    assert proc.returncode == 2 and "holds no run to resume" in proc.stderr
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_run_refused_after_hydra_started_leaves_no_directory(tmp_path):
+    run = tmp_path / "run"
+    args = ["task=omniglot", "model=conv4", f"task.data_dir={tmp_path / 'no-such'}"]
+    proc = cli("train.py", *args, f"hydra.run.dir={run}", check=False)
+    assert proc.returncode == 2 and "Omniglot not found" in proc.stderr
+    assert not run.exists()
 
 
 def test_two_point_sweep_and_summary(tmp_path):
