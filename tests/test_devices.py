@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import SUBPROCESS_ENV
 
 SCRIPT = textwrap.dedent("""
@@ -57,6 +58,7 @@ def test_four_forced_host_devices_agree_with_one():
     assert proc.stdout.startswith("OK")
 
 
+@pytest.mark.slow
 def test_devices_benchmark_times_two_devices_and_checks_their_meta_gradient(tmp_path):
     """The documented command, small: a worker subprocess with two forced host devices."""
     out = tmp_path / "devices.json"

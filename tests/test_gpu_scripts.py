@@ -110,6 +110,7 @@ def test_linear_outer_schedule_anneals_the_step_to_zero():
     assert steps == pytest.approx([0.5, 0.375, 0.25, 0.125, 0.0])  # outer.lr * (1 - t / steps)
 
 
+@pytest.mark.slow
 def test_gpu_omniglot_script_fits_its_budget(tmp_path):
     out = tmp_path / "run.json"
     run_script(

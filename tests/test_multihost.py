@@ -111,6 +111,7 @@ def _run_all(commands, timeout=180):
     return outs
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one_device_through_the_api(tmp_path):
     port = _free_port()
     script = [sys.executable, "-c", API_SCRIPT, str(tmp_path)]

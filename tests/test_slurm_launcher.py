@@ -60,6 +60,7 @@ def test_these_are_the_readmes_slurm_commands():
         assert f"python experiments/train.py {command}" in readme
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command,expect",
     [

@@ -40,6 +40,7 @@ def read_scalars(folder: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+@pytest.mark.slow
 def test_event_files_hold_the_logged_metrics(tmp_path):
     pytest.importorskip("tensorboardX")  # the `tensorboard` extra (also in `dev`)
     run_dir = tmp_path / "run"

@@ -118,6 +118,7 @@ def test_refuses_to_overwrite_a_run_without_resume(tiny_run):
     assert proc.returncode == 2 and "train.resume=true" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override,key",
     [
@@ -162,7 +163,14 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("args,line", REFUSALS, ids=[" ".join(a) for a, _ in REFUSALS])
+# Two in the quick lane; each refusal is a ~2 s subprocess, so the rest run in the full one.
+REFUSAL_PARAMS = [
+    pytest.param(a, line, id=" ".join(a), marks=[pytest.mark.slow] if i >= 2 else [])
+    for i, (a, line) in enumerate(REFUSALS)
+]
+
+
+@pytest.mark.parametrize("args,line", REFUSAL_PARAMS)
 def test_refusal_is_one_line_naming_the_key_and_writes_nothing(tmp_path, args, line):
     proc = cli("train.py", *args, f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2
@@ -170,6 +178,7 @@ def test_refusal_is_one_line_naming_the_key_and_writes_nothing(tmp_path, args, l
     assert not (tmp_path / "run").exists()  # refused before Hydra wrote .hydra/ there
 
 
+@pytest.mark.slow
 def test_readme_command_line_examples_compose_and_validate():
     """The README's "command line" block as typed, each train.py command as a dry run
     (``--cfg job``: composed and checked as for a run, nothing trained)."""
@@ -201,6 +210,7 @@ def test_every_job_of_a_sweep_is_checked_before_the_first_runs(tmp_path):
     assert not sweep.exists()
 
 
+@pytest.mark.slow
 def test_hydra_job_logging_disabled_runs(tmp_path):
     run = tmp_path / "run"
     cli(
@@ -221,6 +231,7 @@ def test_hydra_job_logging_disabled_runs(tmp_path):
     assert not (run / "train.log").exists()  # Hydra's job log file handler is off
 
 
+@pytest.mark.slow
 def test_eval_script_names_the_bad_key(tiny_run):
     for arg, line in (
         (
@@ -296,9 +307,21 @@ def _snapshot(run_dir):
         (["inner.steps=-1"], "inner.steps=-1: must be >= 0"),
         ([], "already holds a run; pass train.resume=true"),
         (["train.resume=true", "inner.lr=0.05"], "would change the run .*inner.lr: 0.01 -> 0.05"),
-        (["train.resume=true", "model.hidden=[32]"], r"model.hidden: \[16\] -> \[32\]"),
-        (["train.resume=true", "algo=reptile"], "algo.name: 'maml' -> 'reptile'"),
-        (["train.resume=true", "train.steps=200"], r"train.steps: 300 -> 200"),
+        pytest.param(
+            ["train.resume=true", "model.hidden=[32]"],
+            r"model.hidden: \[16\] -> \[32\]",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["train.resume=true", "algo=reptile"],
+            "algo.name: 'maml' -> 'reptile'",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["train.resume=true", "train.steps=200"],
+            "train.steps: 300 -> 200",
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["bad-value", "no-resume", "resume-lr", "resume-model", "resume-algo", "fewer-steps"],
 )
