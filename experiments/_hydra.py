@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -262,6 +263,11 @@ def _check_run(compose, overrides: list[str], config_name: str) -> CommandLine:
     resume = "train.resume" in given and OmegaConf.from_dotlist(
         [f"x={given['train.resume']}"]
     ).x in (True, "true", "True")
+    if _secondary_process(given):
+        # Another process of a multi-host run: process 0 checks the directory and writes the
+        # run's files; this one must not write Hydra's (its config differs in process_id).
+        _compose(compose, overrides, config_name)
+        return CommandLine(["hydra.output_subdir=null"], None)
     if not resume:
         _compose(compose, overrides, config_name)  # a bad value first, named
         if run_dir is not None and holds_run(run_dir):
@@ -301,6 +307,17 @@ RESUME_MAY_CHANGE = (
     "eval.figure",
     "distributed.",
 )
+
+
+def _secondary_process(given: dict) -> bool:
+    """Whether this command is a multi-host run's process other than 0 (its id given on the
+    command line, or set by SLURM or Open MPI for JAX to detect)."""
+    if given.get("distributed.enabled", "false").lower() != "true":
+        return False
+    rank = given.get("distributed.process_id")
+    if rank in (None, "null"):
+        rank = os.environ.get("SLURM_PROCID") or os.environ.get("OMPI_COMM_WORLD_RANK")
+    return rank not in (None, "", "0")
 
 
 def saved_config(run_dir: Path) -> DictConfig:

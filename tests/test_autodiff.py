@@ -53,6 +53,7 @@ def _random_tree(key):
     }
 
 
+@pytest.mark.slow
 def test_hessian_pytree_blocks_match_flat_hessian(key, x64):
     p = _random_tree(key)
     flat, unravel = ravel_pytree(p)
@@ -94,7 +95,7 @@ def test_gnvp_equals_JT_H_J_v(key, x64):
     np.testing.assert_allclose(mg.gnvp(predict, loss, x, v), J.T @ H_loss @ J @ v, rtol=1e-10)
 
 
-@pytest.mark.parametrize("num_samples", [16, 64, 256])
+@pytest.mark.parametrize("num_samples", [pytest.param(16, marks=pytest.mark.slow), 64, 256])
 def test_hutchinson_within_four_standard_errors(key, num_samples, x64):
     k_a, k_est = jax.random.split(key)
     A = jax.random.normal(k_a, (5, 5), jnp.float64)

@@ -26,6 +26,7 @@ def run_module(name: str, *args: str, timeout: float = 300) -> subprocess.Comple
     return proc
 
 
+@pytest.mark.slow
 def test_speed_benchmark_times_the_sinusoid_rows(tmp_path):
     out = tmp_path / "bench.json"
     run_module(

@@ -106,6 +106,7 @@ def _tiny_tasks(key, size=7, meta_batch=2):
     return Task((xs, ys), (xq, yq))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("downsample", ["strided", "maxpool"])
 def test_second_order_maml_meta_gradients_equal_lax(key, impl, downsample):

@@ -49,6 +49,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_forced_host_devices_agree_with_one():
     env = dict(SUBPROCESS_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     proc = subprocess.run(

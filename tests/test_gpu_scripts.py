@@ -151,6 +151,7 @@ def _peers():
     return (python, peers) if ok else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_peers", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_gpu_benchmark_script_measures_us_and_the_peers_without_hydra(tmp_path, with_peers):
     out = tmp_path / "bench.json"

@@ -80,7 +80,9 @@ def _conv_task(key, ways=2, shots=2, size=4):
     )
 
 
-@pytest.mark.parametrize("policy", ["transductive", "per_step"])
+@pytest.mark.parametrize(
+    "policy", ["transductive", pytest.param("per_step", marks=pytest.mark.slow)]
+)
 def test_conv4_meta_gradients_match_finite_differences(key, policy):
     model = mnn.Conv4(1, 2, hidden=2, bn_policy=policy, steps=2, rngs=nnx.Rngs(1))
     params, apply = mnn.functional(model)

@@ -112,6 +112,7 @@ def test_binary_and_ternary_forward(key):
             assert len(np.unique(qc)) == 3
 
 
+@pytest.mark.slow
 def test_stochastic_rounding_is_unbiased_and_uses_the_key(key):
     k1, k2 = jax.random.split(key)
     n = 4000  # samples of each of 9 values: one draw of u per element
@@ -441,6 +442,7 @@ def surrogate_sites(consts):
     return dict(sites, **{"hidden_1/w": lsq_surrogate})
 
 
+@pytest.mark.slow
 def test_maml_through_quant_mlp_matches_finite_differences_of_the_surrogate(key):
     steps, lr = 2, 0.3
     params, apply = functional(

@@ -55,6 +55,7 @@ def reference(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_naming_the_holder(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(

@@ -88,6 +88,7 @@ def test_readme_slurm_command_reaches_sbatch_with_its_resources(tmp_path, comman
         assert f"#SBATCH {option}" in lines, (option, sorted(lines))
 
 
+@pytest.mark.slow
 def test_readme_slurm_command_dry_run_composes_the_launcher(tmp_path):
     # --cfg and -m do not combine in Hydra: the dry run prints one job's Hydra config.
     args = README_SWEEP.replace("-m ", "").replace("seed=0,1,2 task.shots=5,10", "seed=0")

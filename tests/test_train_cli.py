@@ -113,6 +113,7 @@ def test_eval_script_reevaluates_without_retraining(tiny_run):
     assert "eval_loss_post=" in proc.stdout
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_run_without_resume(tiny_run):
     proc = cli("train.py", *TINY, f"hydra.run.dir={tiny_run}", check=False)
     assert proc.returncode == 2 and "train.resume=true" in proc.stderr
@@ -192,6 +193,7 @@ def test_readme_command_line_examples_compose_and_validate():
         assert proc.stdout.startswith("seed:"), args
 
 
+@pytest.mark.slow
 def test_every_job_of_a_sweep_is_checked_before_the_first_runs(tmp_path):
     sweep = tmp_path / "sweep"
     proc = cli(
@@ -333,6 +335,7 @@ def test_refused_command_leaves_an_existing_run_byte_for_byte(tiny_run, args, me
     assert _snapshot(tiny_run) == before
 
 
+@pytest.mark.slow
 def test_resume_continues_the_saved_run_with_only_the_overrides_given(tiny_run, tmp_path):
     import shutil
 
@@ -356,6 +359,7 @@ def test_resume_of_a_directory_without_a_run_is_refused_and_creates_nothing(tmp_
     assert not (tmp_path / "typo").exists()
 
 
+@pytest.mark.slow
 def test_a_run_refused_after_hydra_started_leaves_no_directory(tmp_path):
     run = tmp_path / "run"
     args = ["task=omniglot", "model=conv4", f"task.data_dir={tmp_path / 'no-such'}"]
@@ -364,6 +368,7 @@ def test_a_run_refused_after_hydra_started_leaves_no_directory(tmp_path):
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_two_point_sweep_and_summary(tmp_path):
     sweep = tmp_path / "sweep"
     cli(
