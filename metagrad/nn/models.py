@@ -135,7 +135,7 @@ class Conv4(nnx.Module):
 
     Example:
         >>> model = Conv4(1, 5, hidden=8, rngs=nnx.Rngs(0))  # 64 filters by default
-        >>> model(jnp.zeros((10, 28, 28, 1))).shape
+        >>> nnx.jit(lambda m, x: m(x))(model, jnp.zeros((10, 28, 28, 1))).shape  # one compile
         (10, 5)
     """
 

@@ -108,7 +108,7 @@ class QuantDense(nnx.Linear, _Quantizes):
 
     Example:
         >>> layer = QuantDense(3, 2, weight_bits=4, act_bits=8, rngs=nnx.Rngs(0))
-        >>> layer(jnp.ones((5, 3))).shape
+        >>> nnx.jit(lambda m, x: m(x))(layer, jnp.ones((5, 3))).shape
         (5, 2)
         >>> sorted(nnx.to_pure_dict(nnx.state(QuantDense(3, 2, quantizer="lsq", rngs=nnx.Rngs(0)))))
         ['bias', 'kernel', 'weight_scale']
@@ -162,7 +162,7 @@ class QuantConv(nnx.Module, _Quantizes):
 
     Example:
         >>> conv = QuantConv(1, 4, weight_bits=4, act_bits=4, rngs=nnx.Rngs(0))
-        >>> conv(jnp.ones((2, 6, 6, 1))).shape
+        >>> nnx.jit(lambda m, x: m(x))(conv, jnp.ones((2, 6, 6, 1))).shape
         (2, 6, 6, 4)
     """
 
@@ -272,7 +272,7 @@ class QuantMLP(MLP):
 
     Example:
         >>> model = QuantMLP(1, (8, 8), 1, weight_bits=4, act_bits=4, rngs=nnx.Rngs(0))
-        >>> model(jnp.zeros((7, 1))).shape
+        >>> nnx.jit(lambda m, x: m(x))(model, jnp.zeros((7, 1))).shape
         (7, 1)
     """
 
