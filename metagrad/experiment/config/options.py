@@ -203,17 +203,12 @@ class _SGDAlgo(AlgoConfig):
 
 
 @dataclass
-class _Rates(_SGDAlgo):
-    """The MAML family: SGD rates fixed at ``inner.lr`` or meta-learned from it."""
+class _RateShape(_SGDAlgo):
+    """SGD inner rates, optionally one per parameter entry and one per step."""
 
     PASSES_STEP: ClassVar[bool] = True
-    learn_lr: bool = False  # the inner rates are meta-parameters, initialised at inner.lr
     lr_per_element: bool = False  # learned rates: one per parameter entry (else one per tensor)
     per_step_lr: bool = False  # one rate per inner step
-
-    @property
-    def learns_lr(self) -> bool:
-        return self.learn_lr
 
     @property
     def per_step_rates(self) -> bool:
@@ -225,6 +220,17 @@ class _Rates(_SGDAlgo):
 
     def estimator_kwargs(self) -> dict:
         return dict(per_step=self.per_step_lr)
+
+
+@dataclass
+class _Rates(_RateShape):
+    """The MAML family: SGD rates fixed at ``inner.lr`` or meta-learned from it."""
+
+    learn_lr: bool = False  # the inner rates are meta-parameters, initialised at inner.lr
+
+    @property
+    def learns_lr(self) -> bool:
+        return self.learn_lr
 
 
 @dataclass
@@ -261,12 +267,11 @@ class ANILConfig(_Rates):
 
 
 @dataclass
-class MetaSGDConfig(_SGDAlgo):
+class MetaSGDConfig(_RateShape):
     """``algo/metasgd``: Meta-SGD (Li et al. 2017), one meta-learned inner rate per parameter
     entry (per tensor with ``lr_per_element=false``), initialised at ``inner.lr``."""
 
     NAME: ClassVar[str] = "metasgd"
-    PASSES_STEP: ClassVar[bool] = True
     name: str = "metasgd"
     lr_per_element: bool = True
     per_step_lr: bool = False
@@ -274,17 +279,6 @@ class MetaSGDConfig(_SGDAlgo):
     @property
     def learns_lr(self) -> bool:
         return True
-
-    @property
-    def per_step_rates(self) -> bool:
-        return self.per_step_lr
-
-    @property
-    def per_element_rates(self) -> bool:
-        return self.lr_per_element
-
-    def estimator_kwargs(self) -> dict:
-        return dict(per_step=self.per_step_lr)
 
 
 @dataclass
