@@ -216,3 +216,37 @@ def test_bit_flipped_omniglot_cache_is_rebuilt_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="cache .* is damaged; rebuilding"):
         assert_same_data(load_omniglot(data_dir, cache_dir=tmp_path / "cache"), expected)
     assert_same_data(load_omniglot(data_dir, cache_dir=tmp_path / "cache"), expected)  # rebuilt
+
+
+def test_kill_inside_a_save_leaves_a_resumable_run(tmp_path, reference):
+    """A save cut short leaves orbax's temporary folder (and possibly no checksums yet)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "metrics.json").unlink()
+    last = run_dir / "checkpoints" / "last"
+    shutil.copytree(last / "40", last / "40.orbax-checkpoint-tmp-1234")  # a write in progress
+    shutil.rmtree(last / "40")
+    (last / "30" / "checksums.json").unlink()  # the save of 30 was cut before its checksums
+    with pytest.warns(UserWarning, match="last/30 has no checksums.json"):
+        train(tiny(resume=True), run_dir)
+    (_, a), (_, b) = last_state(reference), last_state(run_dir)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch
+):
+    original = Checkpoints.save_last
+
+    def save_last(self, step, state, **extra):
+        if step == 30:
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as err:  # as orbax does: its own error type around the OSError
+                raise RuntimeError("checkpoint write failed") from err
+        original(self, step, state, **extra)
+
+    monkeypatch.setattr(Checkpoints, "save_last", save_last)
+    with pytest.raises(DiskFull, match=r"no space left.*checkpoint at step 20 kept"):
+        train(tiny(), tmp_path / "run")

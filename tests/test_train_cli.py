@@ -425,3 +425,38 @@ def test_omniglot_cli_end_to_end_learns(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["eval_acc_post"] >= 0.5  # chance is 0.2
     assert abs(metrics["eval_acc_pre"] - 0.2) < 0.1  # the head is not told the labels
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_with_the_resume_command_and_the_resume_has_no_duplicates(tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "train.steps=3000", "train.chunk_steps=50", "train.checkpoint_every=50"]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "experiments" / "train.py"),
+            *args,
+            f"hydra.run.dir={run}",
+        ],
+        cwd=REPO_ROOT,
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    last = run / "checkpoints" / "last"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (
+        last.is_dir() and any(p.name.isdigit() for p in last.iterdir())
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stopped: interrupted: checkpoint at step ")
+    assert f"train.resume=true hydra.run.dir={run}" in lines[0]
+    cli("train.py", *args, "train.resume=true", f"hydra.run.dir={run}")
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == list(range(50, 3001, 50))

@@ -256,7 +256,7 @@ def train(cfg, run_dir: str | Path) -> dict:
         return _train(cfg, run, primary)
     except KeyboardInterrupt:
         raise TrainingInterrupted(_stopped_at(run, "interrupted")) from None
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - orbax may wrap the OSError in its own type
         if not _is_disk_full(err):
             raise
         raise DiskFull(_stopped_at(run, f"no space left on the device ({err})")) from None
@@ -346,6 +346,7 @@ def _train(cfg, run: Run, primary: bool) -> dict:
         run.ckpt.save_best(step, state, best_val=best_val)
 
     results = evaluate_checkpoint(exp, run.ckpt, state, which=cfg.eval.checkpoint)
+    bad = [k for k, v in results.items() if k.endswith("_post") and not math.isfinite(v)]
     speed = timed_steps / timed_seconds if timed_seconds > 0 else None
     results.update(
         steps_per_sec=speed,
@@ -356,9 +357,14 @@ def _train(cfg, run: Run, primary: bool) -> dict:
     run.ckpt.close()
     if primary:
         run.log.close()
-        write_results(exp, run_dir, results, "metrics.json")
+        write_results(exp, run_dir, results, "metrics.json")  # non-finite values as null
     else:
         results.pop("_meta_params")
+    if bad:
+        raise NonFiniteLoss(
+            f"the test evaluation's {bad[0]} is {results[bad[0]]} (metrics.json holds null); "
+            f"the checkpoint it evaluated is kept in {run_dir / 'checkpoints'}"
+        )
     return results
 
 
