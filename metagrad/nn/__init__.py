@@ -5,6 +5,7 @@ from metagrad.nn.conv import conv2d, default_conv_impl
 from metagrad.nn.losses import accuracy, cross_entropy_loss, mse_loss
 from metagrad.nn.models import MLP, Conv4, MetaBatchNorm
 from metagrad.nn.quant import QuantConv, QuantConv4, QuantDense, QuantMLP
+from metagrad.nn.resnet import ResNet12
 
 __all__ = [
     "MLP",
@@ -14,6 +15,7 @@ __all__ = [
     "QuantConv4",
     "QuantDense",
     "QuantMLP",
+    "ResNet12",
     "accuracy",
     "adapt_mask",
     "conv2d",

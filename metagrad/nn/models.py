@@ -11,6 +11,8 @@ from flax import nnx
 from metagrad.nn.conv import CONV_IMPLS, conv2d
 
 BN_POLICIES = ("transductive", "per_step", "support")
+POOL_PADDINGS = ("SAME", "VALID")
+CONV4_POOLS = ("mean", "flatten")
 
 
 class MLP(nnx.Module):
@@ -87,15 +89,43 @@ class MetaBatchNorm(nnx.Module):
         return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
-def check_conv4_args(downsample: str, conv_impl: str) -> None:
+def check_conv4_args(
+    downsample: str, conv_impl: str, pool: str = "mean", maxpool_padding: str = "SAME"
+) -> None:
     if downsample not in ("strided", "maxpool"):
         raise ValueError(f"downsample must be 'strided' or 'maxpool', got {downsample!r}")
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    if pool not in CONV4_POOLS:
+        raise ValueError(f"pool must be one of {CONV4_POOLS}, got {pool!r}")
+    if maxpool_padding not in POOL_PADDINGS:
+        raise ValueError(f"maxpool_padding must be one of {POOL_PADDINGS}, got {maxpool_padding!r}")
+
+
+def conv4_feature_size(size: int, *, downsample: str, maxpool_padding: str = "SAME") -> int:
+    """The side of Conv4's last feature map for a ``size x size`` input (four 2x down-samplings:
+    ``ceil(s / 2)`` for stride 2 and ``SAME`` max-pool, ``floor(s / 2)`` for ``VALID`` max-pool).
+
+    Example:
+        >>> conv4_feature_size(84, downsample="maxpool", maxpool_padding="VALID")  # Finn et al.
+        5
+        >>> conv4_feature_size(84, downsample="maxpool")  # SAME pads 21 to 22: 42, 21, 11, 6
+        6
+    """
+    for _ in range(4):
+        floor = downsample == "maxpool" and maxpool_padding == "VALID"
+        size = size // 2 if floor else -(-size // 2)
+    return size
 
 
 class ConvBlock(nnx.Module):
-    """3x3 convolution (bias-free: batch norm's bias replaces it), batch norm, ReLU, 2x down."""
+    """3x3 convolution (bias-free: batch norm's bias replaces it), batch norm, ReLU, 2x down.
+
+    ``maxpool_padding`` is the 2x2 max-pool's padding: ``"SAME"`` (default) keeps
+    ``ceil(s / 2)``, ``"VALID"`` (Finn et al.'s code) ``floor(s / 2)``.
+    """
+
+    maxpool_padding = "SAME"  # the default, also for subclasses that do not pass it
 
     def __init__(
         self,
@@ -106,12 +136,14 @@ class ConvBlock(nnx.Module):
         conv_impl: str,
         bn_policy: str,
         steps: int,
+        maxpool_padding: str = "SAME",
         rngs: nnx.Rngs,
     ):
         init = jax.nn.initializers.glorot_uniform()
         self.kernel = nnx.Param(init(rngs.params(), (3, 3, in_ch, out_ch)))
         self.norm = MetaBatchNorm(out_ch, policy=bn_policy, steps=steps)
         self.downsample, self.conv_impl = downsample, conv_impl
+        self.maxpool_padding = maxpool_padding
 
     def _conv(self, x):
         stride = 2 if self.downsample == "strided" else 1
@@ -121,14 +153,26 @@ class ConvBlock(nnx.Module):
         x = self._conv(x)
         x = jax.nn.relu(self.norm(x, step=step, stats_rows=stats_rows))
         if self.downsample == "maxpool":
-            x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding=self.maxpool_padding)
         return x
 
 
 class Conv4(nnx.Module):
     """The Conv4 of the MAML paper: four blocks of 3x3 conv (64 filters), batch norm, ReLU and
     2x2 down-sampling (stride 2 by default, as Finn et al. did for Omniglot; ``"maxpool"`` as
-    for miniImageNet), features averaged over space, then a linear ``head``.
+    for miniImageNet), features averaged over space (``pool="mean"``, default) or flattened
+    (``pool="flatten"``, which needs ``image_size``), then a linear ``head``.
+
+    Finn et al.'s mini-ImageNet model is ``Conv4(3, 5, hidden=32, downsample="maxpool",
+    pool="flatten", maxpool_padding="VALID", image_size=84)``::
+
+        84x84x3 -> 4 x [3x3 conv 32 (SAME), BN, ReLU, 2x2 max-pool (VALID)]
+                -> 42, 21, 10, 5 -> 5x5x32 = 800 features, flattened -> head Linear(800, 5)
+
+    with 28512 conv weights (3*3*3*32 + 3*3*3*32*32), 256 batch-norm scales and biases and
+    4005 head weights, 32773 in all. (Their TensorFlow code has a conv bias and a batch norm with
+    a bias and no scale, also 32773; here batch norm's bias replaces the conv bias.) Their
+    max-pool is ``VALID``; with the default ``"SAME"`` padding, 84 gives 6x6 features.
 
     Initialisation: convolution kernels Glorot-uniform (as Finn et al.'s code), head LeCun-normal,
     batch-norm scale 1 and bias 0. Inputs are NHWC.
@@ -137,7 +181,13 @@ class Conv4(nnx.Module):
         >>> model = Conv4(1, 5, hidden=8, rngs=nnx.Rngs(0))  # 64 filters by default
         >>> nnx.jit(lambda m, x: m(x))(model, jnp.zeros((10, 28, 28, 1))).shape  # one compile
         (10, 5)
+        >>> paper = nnx.eval_shape(lambda: Conv4(3, 5, hidden=32, downsample="maxpool",
+        ...     pool="flatten", maxpool_padding="VALID", image_size=84, rngs=nnx.Rngs(0)))
+        >>> paper.head.kernel.shape
+        (800, 5)
     """
+
+    pool = "mean"  # the default, also for subclasses that do not pass it
 
     def __init__(
         self,
@@ -149,9 +199,21 @@ class Conv4(nnx.Module):
         conv_impl: str = "auto",
         bn_policy: str = "transductive",
         steps: int = 1,
+        pool: str = "mean",
+        maxpool_padding: str = "SAME",
+        image_size: int | None = None,
         rngs: nnx.Rngs,
     ):
-        check_conv4_args(downsample, conv_impl)
+        check_conv4_args(downsample, conv_impl, pool, maxpool_padding)
+        features = hidden
+        if pool == "flatten":
+            if image_size is None:
+                raise ValueError("pool='flatten' needs image_size (the input's height = width)")
+            side = conv4_feature_size(
+                image_size, downsample=downsample, maxpool_padding=maxpool_padding
+            )
+            features = side * side * hidden
+        self.pool = pool
         chans = [in_channels, hidden, hidden, hidden, hidden]
         for i in range(4):
             setattr(
@@ -164,12 +226,15 @@ class Conv4(nnx.Module):
                     conv_impl=conv_impl,
                     bn_policy=bn_policy,
                     steps=steps,
+                    maxpool_padding=maxpool_padding,
                     rngs=rngs,
                 ),
             )
-        self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
+        self.head = nnx.Linear(features, num_classes, rngs=rngs)
 
     def __call__(self, x, *, step=None, stats_rows=None):
         for i in range(4):
             x = getattr(self, f"block_{i}")(x, step=step, stats_rows=stats_rows)
+        if self.pool == "flatten":
+            return self.head(x.reshape(x.shape[0], -1))
         return self.head(jnp.mean(x, axis=(1, 2)))
