@@ -91,8 +91,8 @@ def test_conv4_defaults_unchanged_and_flatten_needs_image_size():
 def test_resnet12_shapes_and_names():
     model = mnn.ResNet12(3, 5, widths=TINY, rngs=nnx.Rngs(0))
     params, apply = mnn.functional(model)
-    y = jax.jit(apply)(params, jnp.ones((6, 20, 20, 3)))
-    assert y.shape == (6, 5) and y.dtype == jnp.float32
+    y = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((6, 20, 20, 3), jnp.float32))
+    assert y.shape == (6, 5) and y.dtype == jnp.float32  # 20 -> 10 -> 5 -> 2 -> 1, then head
     assert sorted(params) == ["block_0", "block_1", "block_2", "block_3", "head"]
     assert sorted(params["block_1"]) == [
         "conv_0",
@@ -245,11 +245,22 @@ def test_resnet12_dropblock_off_matches_plain_and_on_needs_a_key(key):
     p0, apply0 = mnn.functional(plain)
     p1, apply1 = mnn.functional(dropping)
     x = jax.random.normal(key, (4, 32, 32, 3))  # 32 -> 16 -> 8 -> 4 -> 2: blocks fit
-    f0, f1 = jax.jit(apply0), jax.jit(apply1)
-    reference = f0(p0, x)
-    np.testing.assert_array_equal(f1(p1, x), reference)  # no key: off
-    np.testing.assert_array_equal(f0(p0, x, key=key), reference)  # drop_rate 0: off
-    on = f1(p1, x, key=key)
+    k2 = jax.random.fold_in(key, 1)
+
+    @jax.jit  # one compilation for all the variants
+    def outputs(p0, p1, x, key, k2):
+        return (
+            apply0(p0, x),
+            apply1(p1, x),  # no key: off
+            apply0(p0, x, key=key),  # drop_rate 0: off
+            apply1(p1, x, key=key),
+            apply1(p1, x, key=key),
+            apply1(p1, x, key=k2),
+        )
+
+    reference, no_key, rate_zero, on, again, other = outputs(p0, p1, x, key, k2)
+    np.testing.assert_array_equal(no_key, reference)
+    np.testing.assert_array_equal(rate_zero, reference)
     assert not np.allclose(on, reference)
-    np.testing.assert_array_equal(f1(p1, x, key=key), on)  # pure: the key decides
-    assert not np.allclose(f1(p1, x, key=jax.random.fold_in(key, 1)), on)
+    np.testing.assert_array_equal(again, on)  # pure: the key decides
+    assert not np.allclose(other, on)
