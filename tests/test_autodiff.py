@@ -83,6 +83,7 @@ def test_hvp_rejects_mismatched_direction():
         mg.hvp(lambda x: jnp.sum(x**2), jnp.ones(3), jnp.ones(2))
 
 
+@pytest.mark.slow
 def test_gnvp_equals_JT_H_J_v(key, x64):
     k1, k2, k3 = jax.random.split(key, 3)
     W = jax.random.normal(k1, (4, 3), jnp.float64)

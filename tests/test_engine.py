@@ -117,6 +117,7 @@ def test_maml_matches_finite_differences_on_mlp(key, steps):
     assert err_fo > 1e-3  # check_meta_grad exposes a first-order meta-gradient
 
 
+@pytest.mark.slow
 def test_learned_rates_metasgd_and_per_step_match_finite_differences(key):
     k1, k2 = jax.random.split(key)
     params, task = mlp_params(k1), mlp_task(k2)
@@ -188,6 +189,7 @@ def test_mamlpp_multi_step_loss_matches_finite_differences_and_weights(key):
     np.testing.assert_allclose(g_late.params["w1"], g_so.params["w1"], rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_reptile_direction_is_mean_parameter_difference(key):
     k1, k2 = jax.random.split(key)
     params = mlp_params(k1)

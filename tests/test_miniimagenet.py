@@ -289,6 +289,7 @@ def test_cache_hit_then_rebuilt_with_a_warning_after_a_bit_flip(copies, tmp_path
         assert _load(copies["pickle"], tmp_path).fingerprint == first.fingerprint
 
 
+@pytest.mark.slow
 def test_sampler_labels_images_and_limits():
     images = np.stack([np.full((PER_CLASS, 2, 2, 3), 10 * c, np.uint8) for c in range(4)])
     images[:, :, 0, 0, 0] += np.arange(PER_CLASS, dtype=np.uint8)  # image id in one pixel

@@ -351,6 +351,7 @@ def test_quant_conv_matches_float_conv_at_16_bits(key):
     assert not np.allclose(y2, want, atol=1e-2)  # 2 bits does change it
 
 
+@pytest.mark.slow
 def test_quant_models_reuse_the_float_models_structure(key):
     # QuantMLP / QuantConv4 have MLP / Conv4's parameter names and, for one seed, latent weights.
     x = jnp.asarray(np_rng(key).normal(size=(3, 8, 8, 1)))

@@ -134,6 +134,7 @@ def test_resnet12_parameter_count_at_84x84():
     assert _num_params(params) == closed_form
 
 
+@pytest.mark.slow
 def test_resnet12_functional_round_trip(key):
     model = mnn.ResNet12(3, 4, widths=TINY, rngs=nnx.Rngs(1))
     params, apply = mnn.functional(model)
@@ -146,6 +147,7 @@ def test_resnet12_functional_round_trip(key):
     np.testing.assert_allclose(f(params, x), module_out, rtol=1e-6, atol=1e-6)  # untouched
 
 
+@pytest.mark.slow
 def test_resnet12_support_policy_is_not_transductive(key):
     """Each query image's prediction depends on the support set, never on the other queries."""
     model = mnn.ResNet12(3, 3, widths=TINY, bn_policy="support", **LAX, rngs=nnx.Rngs(0))
@@ -160,6 +162,7 @@ def test_resnet12_support_policy_is_not_transductive(key):
     assert abs(float(loss(params, (xq, yq))) - float(together)) > 1e-4  # transductive differs
 
 
+@pytest.mark.slow
 def test_resnet12_per_step_policy_uses_the_steps_parameters(key):
     model = mnn.ResNet12(3, 2, widths=TINY, bn_policy="per_step", steps=3, **LAX, rngs=nnx.Rngs(0))
     params, apply = mnn.functional(model)
@@ -239,6 +242,7 @@ def test_dropblock_drops_whole_blocks_and_is_off_without_a_key(key):
     assert 0.1 < dropped.mean() < 0.25  # about `rate` of the units
 
 
+@pytest.mark.slow
 def test_resnet12_dropblock_off_matches_plain_and_on_needs_a_key(key):
     plain = mnn.ResNet12(3, 2, widths=TINY, **LAX, rngs=nnx.Rngs(0))
     dropping = mnn.ResNet12(3, 2, widths=TINY, drop_rate=0.3, block_size=2, **LAX, rngs=nnx.Rngs(0))

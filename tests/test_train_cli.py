@@ -91,6 +91,7 @@ def test_cli_writes_the_run_directory(tiny_run):
     assert info["backend"] == "cpu" and info["packages"]["jax"] == jax.__version__
 
 
+@pytest.mark.slow
 def test_eval_script_reevaluates_without_retraining(tiny_run):
     before = (tiny_run / "metrics.json").read_text()
     proc = cli(
