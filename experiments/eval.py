@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from experiments._hydra import quiet_library_logs, saved_config_with
+from experiments._hydra import exit_now, quiet_library_logs, saved_config_with
 from metagrad.experiment.config import GROUP_OPTIONS, Config, ConfigError
 
 USAGE = "usage: python experiments/eval.py run_dir=PATH [key=value ...]"
@@ -70,11 +70,13 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(2)
     quiet_library_logs()
     from metagrad.experiment.checkpoint import Checkpoints
+    from metagrad.experiment.chunks import MemoryEstimateError, check_heldout_memory
     from metagrad.experiment.loop import Experiment, evaluate_checkpoint, write_results
     from metagrad.outer import meta_learner
 
     try:
         exp = Experiment.from_config(cfg)
+        check_heldout_memory(exp)
         template = meta_learner(exp.model.loss_fn, exp.estimator, exp.optimizer, jit=False).init(
             exp.meta_params
         )
@@ -83,12 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
             results = evaluate_checkpoint(exp, ckpt, template, which=cfg.eval.checkpoint)
         finally:
             ckpt.close()
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError, data paths
+    except (
+        ValueError,
+        FileNotFoundError,
+        MemoryEstimateError,
+    ) as e:  # ConfigError, CheckpointError, data
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_now(2)
     except KeyboardInterrupt:
         print(f"stopped: evaluation of {run_dir} interrupted; nothing written", file=sys.stderr)
-        sys.exit(130)
+        exit_now(130)
     name = output_name(overrides)
     write_results(exp, run_dir, results, name)
     steps = results["eval_inner_steps"]

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments._hydra import (
     CommandLine,
     check_command_line,
+    exit_now,
     one_line,
     quiet_library_logs,
     resume_config,
@@ -49,19 +50,20 @@ def main(dict_cfg: DictConfig) -> float:
     from metagrad.experiment.distributed import is_primary
     from metagrad.experiment.loop import DiskFull, NonFiniteLoss, TrainingInterrupted, train
     from metagrad.experiment.runlog import RunDirLocked
+
     try:
         results = train(cfg, run_dir)  # validates cfg before anything is built
     except (FileNotFoundError, FileExistsError, ValueError, RunDirLocked, MemoryEstimateError) as e:
         print(f"error: {e}", file=sys.stderr)  # refused: nothing trained
         if COMMAND.new_run_dir is not None:  # nor left behind: Hydra's files included
             shutil.rmtree(COMMAND.new_run_dir, ignore_errors=True)
-        sys.exit(2)
+        exit_now(2)
     except (NonFiniteLoss, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_now(1)
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(130)
+        exit_now(130)
     keys = [
         k
         for k in ("eval_loss_pre", "eval_loss_post", "eval_acc_pre", "eval_acc_post")

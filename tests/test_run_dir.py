@@ -200,6 +200,14 @@ def test_memory_estimate_refuses_a_huge_meta_batch_before_the_first_step(tmp_pat
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_memory_check_refuses_a_test_set_that_cannot_fit_before_compiling(tmp_path):
+    cfg = tiny()
+    cfg.eval.tasks = 10**9  # 10^9 tasks x 110 points x (x, y) x 4 bytes: about 820 GiB
+    with pytest.raises(MemoryEstimateError, match=r"eval.tasks=1000000000: the test tasks need"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_bit_flipped_omniglot_cache_is_rebuilt_with_a_warning(tmp_path):
     from test_omniglot_data import assert_same_data, synthetic_release, write_zips
 

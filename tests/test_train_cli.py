@@ -461,3 +461,28 @@ def test_ctrl_c_is_one_line_with_the_resume_command_and_the_resume_has_no_duplic
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps == list(range(50, 3001, 50))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["bit-flips", "no-checkpoint", "too-many-tasks"])
+def test_eval_script_refuses_in_one_line(tiny_run, tmp_path, damage):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    args = []
+    if damage == "bit-flips":  # single-bit flips in best/'s array data: orbax reads them fine
+        for path in (run / "checkpoints" / "best").rglob("*"):
+            if path.is_file() and path.parent.name == "d":
+                data = bytearray(path.read_bytes())
+                data[len(data) // 2] ^= 0x01
+                path.write_bytes(bytes(data))
+        message = r"checkpoints/best/\d+ (is damaged|cannot be read)"
+    elif damage == "no-checkpoint":
+        shutil.rmtree(run / "checkpoints" / "best")
+        message = "no 'best' checkpoint in"
+    else:
+        args, message = ["eval.tasks=1000000000"], "eval.tasks=1000000000: the test tasks need"
+    proc = cli("eval.py", f"run_dir={run}", *args, check=False)
+    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -2,9 +2,10 @@
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a run
 killed mid-write keeps its previous checkpoint. Arrays are stored as arrays (no pickle). Beside
-each one metagrad writes ``checksums.json``, the SHA-256 of every array, and checks it on
-restore: flipped bits are an error naming the checkpoint, and a resume falls back to the newest
-intact checkpoint with a warning naming both.
+each one metagrad writes ``checksums.json``, the SHA-256 of every file orbax wrote and of every
+array, and checks both on restore (the files before orbax reads them): flipped bits are an error
+naming the file, and a resume falls back to the newest intact checkpoint with a warning naming
+both.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def array_checksums(tree: Any) -> list[str]:
     return out
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file orbax wrote for one checkpoint, by path relative to ``folder``."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    return {str(p.relative_to(folder)): _sha256(p) for p in files}
+
+
 class Checkpoints:
     """The run directory's checkpoints: ``save_last``, ``save_best``, ``restore``."""
 
@@ -75,10 +90,11 @@ class Checkpoints:
         manager.save(step, args=ocp.args.StandardSave(item), force=True)
         manager.wait_until_finished()
         if self.verify and jax.process_index() == 0:
-            path = self._step_dir(manager, step) / CHECKSUMS
-            tmp = path.with_name(f".{CHECKSUMS}.tmp")
-            tmp.write_text(json.dumps(array_checksums(item)))
-            os.replace(tmp, path)
+            where = self._step_dir(manager, step)
+            sums = {"files": file_checksums(where), "arrays": array_checksums(item)}
+            tmp = where / f".{CHECKSUMS}.tmp"
+            tmp.write_text(json.dumps(sums))
+            os.replace(tmp, where / CHECKSUMS)
 
     def save_last(self, step: int, state: Any, **extra) -> None:
         self._save(self.last, step, state, extra)
@@ -92,20 +108,28 @@ class Checkpoints:
     def _load(self, manager, step: int, template: dict) -> dict:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         where = self._step_dir(manager, step)
+        sums_path = where / CHECKSUMS
+        sums = json.loads(sums_path.read_text()) if self.verify and sums_path.is_file() else None
+        if sums is not None:  # the files first: orbax never reads a damaged one
+            for name, digest in sums["files"].items():
+                path = where / name
+                if not path.is_file() or _sha256(path) != digest:
+                    raise CheckpointError(
+                        f"checkpoint {where} is damaged: {name} is missing or fails its checksum"
+                    )
         try:
             item = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as err:  # orbax raises many types for a damaged or foreign checkpoint
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"checkpoint {where} cannot be read: {reason[:300]}") from err
         if self.verify:
-            sums = where / CHECKSUMS
-            if not sums.is_file():  # killed between orbax's commit and the checksums
+            if sums is None:  # killed between orbax's commit and the checksums
                 warnings.warn(
                     f"checkpoint {where} has no {CHECKSUMS} (its save was cut short after the "
                     "arrays were committed); restored without verification",
                     stacklevel=3,
                 )
-            elif json.loads(sums.read_text()) != array_checksums(item):
+            elif sums["arrays"] != array_checksums(item):
                 raise CheckpointError(
                     f"checkpoint {where} is damaged: its arrays fail their checksums"
                 )
@@ -132,7 +156,7 @@ class Checkpoints:
         manager = getattr(self, which)
         steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
-            raise CheckpointError(f"no {which!r} checkpoint in {manager.directory}")
+            raise CheckpointError(f"no '{which}' checkpoint in {manager.directory}")
         template = {
             "state": template_state,
             "extra": {k: np.asarray(v) for k, v in (extra or {}).items()},

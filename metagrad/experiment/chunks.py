@@ -111,3 +111,26 @@ def _check_memory(compiled) -> None:
             "task.query, use train.task_batching=map, or pass train.memory_check=false if you "
             "know better"
         )
+
+
+def check_heldout_memory(exp) -> None:
+    """Refuses held-out task sets (validation, test) that would not fit on the device: they are
+    drawn whole before evaluation in blocks, so their size is ``eval.tasks`` (``eval.val_tasks``)
+    times the shots and query images, known before anything is compiled."""
+    cfg, have = exp.cfg, available_memory()
+    if have is None or not cfg.train.memory_check:
+        return
+    e, t = cfg.eval, cfg.task
+    for split, key, n in (("val", "eval.val_tasks", e.val_tasks), ("test", "eval.tasks", e.tasks)):
+        shape = jax.eval_shape(
+            lambda split=split, n=n: exp.source.heldout(
+                split, n, e.shots or t.shots, e.query or t.query
+            )
+        )
+        need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shape))
+        if need > have:
+            raise MemoryEstimateError(
+                f"{key}={n}: the {split} tasks need about {need / 2**30:.1f} GiB and "
+                f"{have / 2**30:.1f} GiB are available: lower {key}, eval.shots or eval.query, "
+                "or pass train.memory_check=false if you know better"
+            )

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from metagrad._types import MetaParams
 from metagrad.experiment import build, distributed
 from metagrad.experiment.checkpoint import Checkpoints
-from metagrad.experiment.chunks import ChunkRunner
+from metagrad.experiment.chunks import ChunkRunner, check_heldout_memory
 from metagrad.experiment.config import ConfigError, validate
 from metagrad.experiment.evaluation import make_curve_fn, summarize
 from metagrad.experiment.runinfo import run_metadata
@@ -150,6 +150,7 @@ def start_run(cfg, run_dir: Path, *, primary: bool) -> Run:
     ``train.resume``, and to resume a directory that holds none.
     """
     exp = Experiment.from_config(cfg)
+    check_heldout_memory(exp)
     t = cfg.train
     ckpt = Checkpoints(run_dir)
     latest = ckpt.latest_step()
