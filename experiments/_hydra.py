@@ -414,29 +414,8 @@ def _is_choice(override: str) -> bool:
     return key in GROUP_OPTIONS or key in ("experiment", "hparams_search") or "/" in key
 
 
-def exit_now(code: int) -> None:
-    """Ends the process with ``code`` once the error line is out: after a failed restore, orbax's
-    and TensorStore's background threads can print an ``Event loop is closed`` traceback while
-    the interpreter shuts down, which would bury the one line the user needs."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
-
-
 def quiet_library_logs() -> None:
     """orbax reports every save and restore at INFO through absl, and JAX says "no TPU here" at
-    INFO: a training log wants neither. And when orbax gives up on a damaged checkpoint it
-    closes its event loop while TensorStore's threads still post to it; each prints an
-    ``Event loop is closed`` traceback that would bury the one-line error. Called by the entry
-    points, never at import."""
+    INFO: a training log wants neither. Called by the entry points, never at import."""
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    previous = sys.excepthook
-
-    def excepthook(kind, value, tb):
-        if kind is RuntimeError and str(value) == "Event loop is closed":
-            return
-        previous(kind, value, tb)
-
-    sys.excepthook = excepthook

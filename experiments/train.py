@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 from experiments._hydra import (
     CommandLine,
     check_command_line,
-    exit_now,
     one_line,
     quiet_library_logs,
     resume_config,
@@ -57,13 +56,13 @@ def main(dict_cfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)  # refused: nothing trained
         if COMMAND.new_run_dir is not None:  # nor left behind: Hydra's files included
             shutil.rmtree(COMMAND.new_run_dir, ignore_errors=True)
-        exit_now(2)
+        sys.exit(2)
     except (NonFiniteLoss, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
-        exit_now(1)
+        sys.exit(1)
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
-        exit_now(130)
+        sys.exit(130)
     keys = [
         k
         for k in ("eval_loss_pre", "eval_loss_post", "eval_acc_pre", "eval_acc_post")
