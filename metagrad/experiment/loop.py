@@ -70,8 +70,9 @@ class Experiment:
     _curve_fns: dict = field(default_factory=dict, repr=False)  # steps -> compiled curves
 
     @classmethod
-    def from_config(cls, cfg) -> Experiment:
-        validate(cfg)
+    def from_config(cls, cfg, *, validated: bool = False) -> Experiment:
+        if not validated:  # train() validates once, before starting the JAX backend
+            validate(cfg)
         devices = str(cfg.train.devices)
         n = len(jax.devices()) if devices == "all" else int(devices)
         if n > len(jax.devices()) or cfg.train.meta_batch_size % n:
@@ -149,7 +150,7 @@ def start_run(cfg, run_dir: Path, *, primary: bool) -> Run:
     Refuses (before writing anything) to start over a directory that holds checkpoints without
     ``train.resume``, and to resume a directory that holds none.
     """
-    exp = Experiment.from_config(cfg)
+    exp = Experiment.from_config(cfg, validated=True)  # by train()
     check_heldout_memory(exp)
     t = cfg.train
     ckpt = Checkpoints(run_dir)
