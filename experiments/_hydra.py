@@ -260,9 +260,7 @@ def _check_run(compose, overrides: list[str], config_name: str) -> CommandLine:
     given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
     run_dir = Path(given["hydra.run.dir"]) if "hydra.run.dir" in given else None
     new_run_dir = run_dir if run_dir is not None and not run_dir.exists() else None
-    resume = "train.resume" in given and OmegaConf.from_dotlist(
-        [f"x={given['train.resume']}"]
-    ).x in (True, "true", "True")
+    resume = OmegaConf.from_dotlist([f"x={given.get('train.resume', 'false')}"]).x is True
     if _secondary_process(given):
         # Another process of a multi-host run: process 0 checks the directory and writes the
         # run's files; this one must not write Hydra's (its config differs in process_id).

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from metagrad._files import file_sha256
+
 CHECKSUMS = "checksums.json"
 
 
@@ -45,18 +47,10 @@ def array_checksums(tree: Any) -> list[str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_checksums(folder: Path) -> dict[str, str]:
     """SHA-256 of every file orbax wrote for one checkpoint, by path relative to ``folder``."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    return {str(p.relative_to(folder)): _sha256(p) for p in files}
+    return {str(p.relative_to(folder)): file_sha256(p) for p in files}
 
 
 class Checkpoints:
@@ -113,7 +107,7 @@ class Checkpoints:
         if sums is not None:  # the files first: orbax never reads a damaged one
             for name, digest in sums["files"].items():
                 path = where / name
-                if not path.is_file() or _sha256(path) != digest:
+                if not path.is_file() or file_sha256(path) != digest:
                     raise CheckpointError(
                         f"checkpoint {where} is damaged: {name} is missing or fails its checksum"
                     )

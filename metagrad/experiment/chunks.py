@@ -21,9 +21,11 @@ PRESAMPLE_BYTES = 64 * 2**20
 def _chunk_fn(exp, learner, presample_bytes: int = PRESAMPLE_BYTES):
     """One compiled call: ``n`` meta-steps with tasks sampled on the device.
 
-    Step ``s`` trains on ``sample_train(data, fold_in(base_key, s))`` however the tasks are drawn:
-    for the whole chunk ahead of the scan when they fit in ``presample_bytes``, else inside
-    each step (Omniglot's images). Both give the same tasks, bit for bit.
+    Returns ``(state, metrics)``: the metrics' means over the chunk, and ``params_finite``,
+    whether the meta-parameters it ends with are finite. Step ``s`` trains on
+    ``sample_train(data, fold_in(base_key, s))`` however the tasks are drawn: for the whole chunk
+    ahead of the scan when they fit in ``presample_bytes``, else inside each step (Omniglot's
+    images). Both give the same tasks, bit for bit.
     """
     batch = exp.cfg.train.meta_batch_size
     base_key = jax.random.key(exp.cfg.seed + 1)
@@ -44,7 +46,12 @@ def _chunk_fn(exp, learner, presample_bytes: int = PRESAMPLE_BYTES):
         else:
             body = lambda state, _: learner.update(state, tasks_at(data, state.step))
             state, metrics = lax.scan(body, state, None, length=n)
-        return state, jax.tree.map(jnp.mean, metrics)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        # Checked here, in the compiled call, not leaf by leaf on the host after it.
+        finite = jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state.meta_params)])
+        )
+        return state, dict(metrics, params_finite=finite)
 
     return run
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -193,10 +192,6 @@ def start_run(cfg, run_dir: Path, *, primary: bool) -> Run:
     return Run(exp, learner, ckpt, state, best_val, log, run_dir)
 
 
-def _all_finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
-
-
 def _diverged(run: Run, what: str, steps: str) -> NonFiniteLoss:
     kept = run.ckpt.latest_step()
     where = (
@@ -294,8 +289,7 @@ def _stopped_at(run: Run, why: str) -> str:
 
 def _train(cfg, run: Run, primary: bool) -> dict:
     t, exp, run_dir = cfg.train, run.exp, run.run_dir
-    memory_check = getattr(t, "memory_check", True)
-    chunks = ChunkRunner(exp, run.learner, exp.source.train_data, memory_check=memory_check)
+    chunks = ChunkRunner(exp, run.learner, exp.source.train_data, memory_check=t.memory_check)
     state, best_val = run.state, run.best_val
     bar = tqdm(
         total=t.steps,
@@ -313,9 +307,10 @@ def _train(cfg, run: Run, primary: bool) -> dict:
         tic = time.perf_counter()
         new_state, metrics = chunks(state, n)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        params_finite = metrics.pop("params_finite") == 1.0
         seconds = time.perf_counter() - tic - (chunks.compile_seconds - before)
         bad = [k for k in ("meta_loss", "grad_norm") if not math.isfinite(metrics[k])]
-        if bad or not _all_finite(new_state.meta_params):
+        if bad or not params_finite:
             bar.close()
             what = (
                 f"{bad[0]} became {metrics[bad[0]]}" if bad else "meta-parameters turned non-finite"

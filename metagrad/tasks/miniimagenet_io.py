@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from importlib import resources
@@ -29,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from metagrad._files import matches_checksum, write_verified
 from metagrad.tasks.safe_pickle import NotAPickleError, TruncatedPickleError, load_pickle
 
 SPLITS = ("train", "val", "test")
@@ -431,26 +431,13 @@ def load_miniimagenet(
 # --- cache -------------------------------------------------------------------------------------
 
 
-def _checksum_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_cache(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     """The cached split memory-mapped, or None when absent or damaged (then rebuilt, with a
     warning for a damaged one). The file's sha256, written beside it, is checked first."""
     if not path.exists():
         return None
     try:
-        intact = _checksum_path(path).read_text().strip() == _file_sha256(path)
-        array = np.load(path, mmap_mode="r", allow_pickle=False) if intact else None
+        array = np.load(path, mmap_mode="r", allow_pickle=False) if matches_checksum(path) else None
     except (OSError, ValueError):
         array = None
     if array is not None and array.dtype == np.uint8 and array.shape == shape:
@@ -460,22 +447,14 @@ def _read_cache(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def _write_cache(path: Path, array: np.ndarray) -> np.ndarray:
-    """Temp file + ``os.replace``: readers never see a half-written cache. Returns the array
+    """Written whole and verified (:func:`metagrad._files.write_verified`). Returns the array
     memory-mapped from the cache, or as given when the cache cannot be written."""
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            np.save(f, array, allow_pickle=False)
-        _checksum_path(path).write_text(_file_sha256(Path(tmp)))  # before the data is visible
-        os.replace(tmp, path)
+        write_verified(path, lambda f: np.save(f, array, allow_pickle=False))
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except OSError as err:
         warnings.warn(
             f"could not write the mini-ImageNet cache {path} ({err}); it will be rebuilt next time",
             stacklevel=3,
         )
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
         return array

@@ -13,7 +13,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from metagrad._files import matches_checksum, write_verified
 
 HALVES = ("images_background", "images_evaluation")
 DRAWINGS = 20
@@ -311,13 +312,8 @@ def _read_cache(path: Path) -> OmniglotData | None:
     for a damaged one). The file's sha256, written beside it, is checked before it is read."""
     if not path.exists():
         return None
-    sums = _checksum_path(path)
-    try:
-        intact = sums.read_text().strip() == _file_sha256(path)
-    except OSError:
-        intact = False
     data = None
-    if intact:
+    if matches_checksum(path):
         try:
             with np.load(path, allow_pickle=False) as npz:
                 data = OmniglotData(*(npz[f] for f in OmniglotData._fields))
@@ -334,32 +330,12 @@ def _read_cache(path: Path) -> OmniglotData | None:
     return None
 
 
-def _checksum_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_cache(path: Path, data: OmniglotData) -> None:
-    """Temp file + ``os.replace``: readers never see a half-written cache."""
-    tmp = None
+    """Written whole and verified (:func:`metagrad._files.write_verified`)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            np.savez_compressed(f, **data._asdict())
-        _checksum_path(path).write_text(_file_sha256(Path(tmp)))  # before the data is visible
-        os.replace(tmp, path)
+        write_verified(path, lambda f: np.savez_compressed(f, **data._asdict()))
     except OSError as err:
         warnings.warn(
             f"could not write the Omniglot cache {path} ({err}); it will be rebuilt next time",
             stacklevel=3,
         )
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
