@@ -57,6 +57,11 @@ class TaskSource:
     train_data: Any
     sample_train: Callable[[Any, jax.Array, int], Task]  # (data, key, meta_batch) -> Task batch
     heldout: Callable[[str, int, int, int], Task]  # (split, num_tasks, shots, query) -> Task batch
+    # Host streaming (a split too large for the device): an object whose
+    # ``chunk(base_key, first_step, n)`` returns the per-step data of steps first_step .. +n-1
+    # (leading axis n, on the device, prefetched), each step's slice passed to ``sample_train``
+    # in place of ``train_data``. None: tasks are sampled on the device from ``train_data``.
+    stream: Any = None
 
 
 def build_task_source(cfg) -> TaskSource:
