@@ -102,6 +102,17 @@ def check_conv4_args(
         raise ValueError(f"maxpool_padding must be one of {POOL_PADDINGS}, got {maxpool_padding!r}")
 
 
+def check_num_classes(num_classes) -> None:
+    """``num_classes`` is a positive int, or None for a head-less embedding."""
+    if num_classes is None:
+        return
+    if isinstance(num_classes, bool) or not hasattr(num_classes, "__index__") or num_classes < 1:
+        raise ValueError(
+            f"num_classes must be a positive int, or None for a head-less embedding; "
+            f"got {num_classes!r}"
+        )
+
+
 def conv4_feature_size(size: int, *, downsample: str, maxpool_padding: str = "SAME") -> int:
     """The side of Conv4's last feature map for a ``size x size`` input (four 2x down-samplings:
     ``ceil(s / 2)`` for stride 2 and ``SAME`` max-pool, ``floor(s / 2)`` for ``VALID`` max-pool).
@@ -177,6 +188,11 @@ class Conv4(nnx.Module):
     Initialisation: convolution kernels Glorot-uniform (as Finn et al.'s code), head LeCun-normal,
     batch-norm scale 1 and bias 0. Inputs are NHWC.
 
+    ``num_classes=None`` builds the embedding alone (no ``head``): the model returns the pooled
+    or flattened features, ``(N, features)``, with ``features`` as :attr:`features` says
+    (``hidden``, or ``side * side * hidden`` flattened). This is the backbone of the metric and
+    closed-form heads (Prototypical Networks, R2D2, MetaOptNet) and of fine-tuning baselines.
+
     Example:
         >>> model = Conv4(1, 5, hidden=8, rngs=nnx.Rngs(0))  # 64 filters by default
         >>> nnx.jit(lambda m, x: m(x))(model, jnp.zeros((10, 28, 28, 1))).shape  # one compile
@@ -185,6 +201,9 @@ class Conv4(nnx.Module):
         ...     pool="flatten", maxpool_padding="VALID", image_size=84, rngs=nnx.Rngs(0)))
         >>> paper.head.kernel.shape
         (800, 5)
+        >>> embed = Conv4(1, None, hidden=8, rngs=nnx.Rngs(0))  # head-less: the 8 features
+        >>> nnx.jit(lambda m, x: m(x))(embed, jnp.zeros((10, 28, 28, 1))).shape, embed.features
+        ((10, 8), 8)
     """
 
     pool = "mean"  # the default, also for subclasses that do not pass it
@@ -192,7 +211,7 @@ class Conv4(nnx.Module):
     def __init__(
         self,
         in_channels: int,
-        num_classes: int,
+        num_classes: int | None,
         *,
         hidden: int = 64,
         downsample: str = "strided",
@@ -230,11 +249,17 @@ class Conv4(nnx.Module):
                     rngs=rngs,
                 ),
             )
-        self.head = nnx.Linear(features, num_classes, rngs=rngs)
+        self.features = features
+        check_num_classes(num_classes)
+        self.head = None if num_classes is None else nnx.Linear(features, num_classes, rngs=rngs)
 
     def __call__(self, x, *, step=None, stats_rows=None):
         for i in range(4):
             x = getattr(self, f"block_{i}")(x, step=step, stats_rows=stats_rows)
         if self.pool == "flatten":
-            return self.head(x.reshape(x.shape[0], -1))
-        return self.head(jnp.mean(x, axis=(1, 2)))
+            x = x.reshape(x.shape[0], -1)
+        else:
+            x = jnp.mean(x, axis=(1, 2))
+        # getattr: subclasses (QuantConv4) set their own head and no `features`.
+        head = getattr(self, "head", None)
+        return x if head is None else head(x)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from metagrad.nn.conv import CONV_IMPLS, conv2d
-from metagrad.nn.models import MetaBatchNorm
+from metagrad.nn.models import MetaBatchNorm, check_num_classes
 
 # RFS/MetaOptNet use DropBlock in the last two of the four blocks (dropout in the first two,
 # which is not offered here).
@@ -142,6 +142,10 @@ class ResNet12(nnx.Module):
             x = dropblock(x) if DropBlock is on and i in (2, 3)
         logits = head(mean of x over space)              # head: Linear(w[3], num_classes)
 
+    ``num_classes=None`` builds the embedding alone (no ``head``): the model returns the
+    ``(N, w[3])`` spatially averaged features, the embedding of MetaOptNet, R2D2-style heads,
+    Prototypical Networks and RFS's test-time classifier.
+
     Convolutions are bias-free (batch norm's bias replaces it), ``SAME``-padded, He-normal
     (fan-out) initialised; batch-norm scale 1, bias 0; the head LeCun-normal. Parameters do not
     depend on the image size (global average pool): 12,424,320 for the default widths with RGB
@@ -166,12 +170,16 @@ class ResNet12(nnx.Module):
         >>> big = nnx.eval_shape(lambda: ResNet12(3, 5, rngs=nnx.Rngs(0)))  # no compute
         >>> big.block_3.conv_2.shape, big.head.kernel.shape
         ((3, 3, 640, 640), (640, 5))
+        >>> embed = nnx.eval_shape(lambda: ResNet12(3, None, rngs=nnx.Rngs(0)))  # head-less
+        >>> x = jnp.zeros((2, 84, 84, 3))
+        >>> embed.head is None, nnx.eval_shape(lambda m, x: m(x), embed, x).shape
+        (True, (2, 640))
     """
 
     def __init__(
         self,
         in_channels: int,
-        num_classes: int,
+        num_classes: int | None,
         *,
         widths: Sequence[int] = (64, 160, 320, 640),
         conv_impl: str = "auto",
@@ -189,6 +197,7 @@ class ResNet12(nnx.Module):
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
         if block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        check_num_classes(num_classes)
         chans = [in_channels, *widths]
         for i in range(4):
             block = ResBlock(
@@ -200,7 +209,7 @@ class ResNet12(nnx.Module):
                 rngs=rngs,
             )
             setattr(self, f"block_{i}", block)
-        self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+        self.head = None if num_classes is None else nnx.Linear(widths[-1], num_classes, rngs=rngs)
         self.drop_rate, self.block_size = float(drop_rate), int(block_size)
 
     def __call__(self, x, *, step=None, stats_rows=None, key: jax.Array | None = None):
@@ -209,7 +218,8 @@ class ResNet12(nnx.Module):
             if i in DROPBLOCK_BLOCKS and key is not None and self.drop_rate > 0.0:
                 key, sub = jax.random.split(key)
                 x = dropblock(x, sub, rate=self.drop_rate, block_size=self.block_size)
-        return self.head(jnp.mean(x, axis=(1, 2)))
+        x = jnp.mean(x, axis=(1, 2))
+        return x if self.head is None else self.head(x)
 
 
 __all__ = ["ResBlock", "ResNet12", "apply_block_mask", "dropblock", "dropblock_mask"]
