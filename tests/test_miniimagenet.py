@@ -115,9 +115,10 @@ def test_formats_agree_bit_for_bit(copies, tmp_path):
     for name, data in loaded.items():
         assert data.layout == name
         for split in SPLITS:
-            assert data.wnids[split] == tuple(sorted(DATA[split]))
-            want = np.stack([DATA[split][w] for w in data.wnids[split]])
+            assert data.classes[split] == tuple(sorted(DATA[split]))
+            want = np.stack([DATA[split][w] for w in data.classes[split]])
             assert data.images[split].dtype == np.uint8
+            assert data.counts[split].tolist() == [PER_CLASS] * len(DATA[split])
             np.testing.assert_array_equal(data.images[split], want)
     assert len({d.fingerprint for d in loaded.values()}) == 1
     assert len(loaded["pickle"].fingerprint) == 64
@@ -130,7 +131,7 @@ def test_folder_images_of_another_size_are_resized_with_lanczos(tmp_path):
     root = write_folders(tmp_path / "big", one, size=(90, 100))
     expected = dict(classes={s: list(one[s]) for s in SPLITS}, images_per_class=2)
     data = load_miniimagenet(root, cache_dir=tmp_path / "cache", expected=expected)
-    wnid = data.wnids["train"][0]
+    wnid = data.classes["train"][0]
     path = root / "train" / wnid / f"{wnid}_0000.png"
     with Image.open(path) as im:
         assert im.size == (90, 100)

@@ -9,44 +9,89 @@ Three containers of the same data are accepted, found in this order in ``data_di
    (``filename,label``);
 3. class folders ``train/<wnid>/*.jpg`` (and ``val/``, ``test/``).
 
-Nothing is downloaded. The result per split is ``(classes, images_per_class, 84, 84, 3)`` uint8,
-classes in wnid order, images in file-name order (row-index order in a pickle); it is cached as
-one ``.npy`` per split, named after a sha256 of the source bytes, the expected classes and the
-preprocessing version, so an edited source is never served stale.
+Nothing is downloaded. The result is an :class:`~metagrad.tasks.imageset.ImageSetData` named
+``"miniimagenet"``: per split ``(classes, 600, 84, 84, 3)`` uint8, classes in wnid order,
+images in file-name order (row-index order in a pickle), cached by
+:func:`metagrad.tasks.imageset.cached_split` under a key that hashes the source bytes, the
+expected classes and the preprocessing version, so an edited source is never served stale.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import hashlib
 import os
-import warnings
-from collections.abc import Iterable, Mapping
-from importlib import resources
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from metagrad._files import matches_checksum, write_verified
+from metagrad.tasks.imageset import (
+    SPLITS,
+    ImageSetClassError,
+    ImageSetCountError,
+    ImageSetData,
+    ImageSetError,
+    ImageSetFormatError,
+    ImageSetImageError,
+    ImageSetNotFoundError,
+    cached_split,
+    check_classes,
+    check_count,
+    decode_classes,
+    default_cache_dir,
+    fingerprint,
+    read_split_file,
+    resolve_expected,
+    shipped_split,
+    source_digest,
+)
 from metagrad.tasks.safe_pickle import NotAPickleError, TruncatedPickleError, load_pickle
 
-SPLITS = ("train", "val", "test")
+__all__ = [
+    "IMAGES_PER_CLASS",
+    "IMAGE_SHAPE",
+    "SPLITS",
+    "MiniImageNetClassError",
+    "MiniImageNetCountError",
+    "MiniImageNetData",
+    "MiniImageNetError",
+    "MiniImageNetFormatError",
+    "MiniImageNetImageError",
+    "MiniImageNetNotFoundError",
+    "default_cache_dir",
+    "fingerprint",
+    "load_miniimagenet",
+    "read_split_file",
+    "standard_split",
+]
+
 IMAGES_PER_CLASS = 600
 IMAGE_SHAPE = (84, 84, 3)
-_FORMAT_VERSION = 1  # bump when the preprocessing changes: it is part of the cache key
+_NAME = "miniimagenet"
+_FORMAT_VERSION = 2  # bump when the preprocessing changes: it is part of the cache key
 _PICKLE = "mini-imagenet-cache-{}.pkl"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
+# The data of every reader is an ImageSetData; the old name stays for code that imports it.
+MiniImageNetData = ImageSetData
 
-class MiniImageNetError(ValueError):
-    """Base of every mini-ImageNet reading error; the message names the file."""
+
+class MiniImageNetError(ImageSetError):
+    """Base of every mini-ImageNet reading error; the message names the file.
+
+    Example:
+        >>> issubclass(MiniImageNetClassError, MiniImageNetError), issubclass(
+        ...     MiniImageNetClassError, ImageSetClassError)
+        (True, True)
+    """
 
 
-class MiniImageNetNotFoundError(MiniImageNetError, FileNotFoundError):
+class MiniImageNetNotFoundError(MiniImageNetError, ImageSetNotFoundError):
     """No mini-ImageNet container in ``data_dir``, or a file it names is missing.
 
-    Both a :class:`MiniImageNetError` and a :class:`FileNotFoundError`.
+    A :class:`MiniImageNetError`, an :class:`~metagrad.tasks.imageset.ImageSetNotFoundError`
+    and a :class:`FileNotFoundError`.
 
     Example:
         >>> try:
@@ -57,39 +102,63 @@ class MiniImageNetNotFoundError(MiniImageNetError, FileNotFoundError):
     """
 
 
-class MiniImageNetFormatError(MiniImageNetError):
-    """A file is truncated, not the format it claims, or an image does not decode."""
+class MiniImageNetFormatError(MiniImageNetError, ImageSetFormatError):
+    """A file is truncated, not the format it claims, or an image does not decode.
 
-
-class MiniImageNetClassError(MiniImageNetError):
-    """A class of the split list is missing, or the container holds one the list does not."""
-
-
-class MiniImageNetCountError(MiniImageNetError):
-    """A class has another number of images than expected (600, or the caller's count)."""
-
-
-class MiniImageNetImageError(MiniImageNetError):
-    """A pickle's images are not uint8 84x84x3."""
-
-
-class MiniImageNetData(NamedTuple):
-    """The three splits of mini-ImageNet.
-
-    Attributes:
-        images: ``{"train", "val", "test"}`` -> uint8 ``(classes, images_per_class, 84, 84, 3)``
-            (memory-mapped from the cache when it was read from there).
-        wnids: the same keys -> tuple of the classes' wnids, row ``i`` of ``images`` is
-            ``wnids[i]``; sorted.
-        fingerprint: sha256 (hex) of the split names, wnids, shapes and image bytes: two copies
-            with the same fingerprint hold the same decoded data, whatever the container.
-        layout: ``"pickle"``, ``"csv"`` or ``"folders"``, the container it was read from.
+    Example:
+        >>> issubclass(MiniImageNetFormatError, ImageSetFormatError)
+        True
     """
 
-    images: dict[str, np.ndarray]
-    wnids: dict[str, tuple[str, ...]]
-    fingerprint: str
-    layout: str
+
+class MiniImageNetClassError(MiniImageNetError, ImageSetClassError):
+    """A class of the split list is missing, or the container holds one the list does not.
+
+    Example:
+        >>> issubclass(MiniImageNetClassError, ImageSetClassError)
+        True
+    """
+
+
+class MiniImageNetCountError(MiniImageNetError, ImageSetCountError):
+    """A class has another number of images than expected (600, or the caller's count).
+
+    Example:
+        >>> issubclass(MiniImageNetCountError, ImageSetCountError)
+        True
+    """
+
+
+class MiniImageNetImageError(MiniImageNetError, ImageSetImageError):
+    """A pickle's images are not uint8 84x84x3.
+
+    Example:
+        >>> issubclass(MiniImageNetImageError, ImageSetImageError)
+        True
+    """
+
+
+# Most specific first: a base error raised by the shared code becomes mini-ImageNet's own.
+_OWN_ERRORS = (
+    (ImageSetNotFoundError, MiniImageNetNotFoundError),
+    (ImageSetFormatError, MiniImageNetFormatError),
+    (ImageSetClassError, MiniImageNetClassError),
+    (ImageSetCountError, MiniImageNetCountError),
+    (ImageSetImageError, MiniImageNetImageError),
+)
+
+
+@contextlib.contextmanager
+def _own_errors() -> Iterator[None]:
+    try:
+        yield
+    except MiniImageNetError:
+        raise
+    except ImageSetError as err:
+        for base, own in _OWN_ERRORS:
+            if isinstance(err, base):
+                raise own(str(err)) from err.__cause__
+        raise MiniImageNetError(str(err)) from err.__cause__
 
 
 def standard_split(split: str) -> tuple[str, ...]:
@@ -99,56 +168,10 @@ def standard_split(split: str) -> tuple[str, ...]:
         >>> [len(standard_split(s)) for s in SPLITS], standard_split("val")[0]
         ([64, 16, 20], 'n01855672')
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    text = resources.files("metagrad.tasks").joinpath(f"splits/miniimagenet/{split}.txt")
-    return read_split_file(text.read_text(), where=f"{split}.txt")
+    return shipped_split(_NAME, split)
 
 
-def read_split_file(text: str, *, where: str = "<split file>") -> tuple[str, ...]:
-    """Wnids of a split file: one per line, ``#`` comments and blank lines ignored; sorted.
-
-    Example:
-        >>> read_split_file("# mine\\nn02\\nn01\\n")
-        ('n01', 'n02')
-    """
-    wnids = [line.split("#")[0].strip() for line in text.splitlines()]
-    wnids = [w for w in wnids if w]
-    if len(set(wnids)) != len(wnids):
-        raise MiniImageNetClassError(f"{where} lists a class twice")
-    return tuple(sorted(wnids))
-
-
-def default_cache_dir() -> Path:
-    """``$METAGRAD_CACHE``, or ``~/.cache/metagrad`` when it is not set."""
-    return Path(os.environ.get("METAGRAD_CACHE") or Path.home() / ".cache" / "metagrad")
-
-
-def _expected_classes(expected: Mapping | None) -> tuple[dict[str, tuple[str, ...]], int]:
-    expected = dict(expected or {})
-    unknown = set(expected) - {"classes", "images_per_class"}
-    if unknown:
-        raise ValueError(f"expected= takes 'classes' and 'images_per_class', not {unknown}")
-    given = expected.get("classes") or {}
-    classes = {}
-    for split in SPLITS:
-        value = given.get(split)
-        if value is None:
-            classes[split] = standard_split(split)
-        elif isinstance(value, str | os.PathLike):
-            path = Path(value).expanduser()
-            if not path.is_file():
-                raise MiniImageNetNotFoundError(f"split file {path} does not exist")
-            classes[split] = read_split_file(path.read_text(), where=str(path))
-        else:
-            classes[split] = tuple(sorted(str(w) for w in value))
-    count = expected.get("images_per_class", IMAGES_PER_CLASS)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"images_per_class must be an int >= 1, got {count!r}")
-    return classes, count
-
-
-# --- sources: the files of each layout and how to turn them into {wnid: [image getter]} --------
+# --- sources: the files of each layout and how to turn them into arrays ------------------------
 
 
 def _find_layout(data_dir: Path) -> str:
@@ -217,58 +240,27 @@ def _folder_members(data_dir: Path, split: str) -> dict[str, list[Path]]:
     return members
 
 
-def _check_classes(found: Iterable[str], wanted: tuple[str, ...], where: Path, split: str) -> None:
-    found = set(found)
-    missing, extra = sorted(set(wanted) - found), sorted(found - set(wanted))
-    if missing:
-        raise MiniImageNetClassError(
-            f"{where} lacks {len(missing)} class(es) of the {split} split list, e.g. "
-            f"{missing[:5]} (it has {len(found)}; the list {len(wanted)})"
-        )
-    if extra:
-        raise MiniImageNetClassError(
-            f"{where} holds {len(extra)} class(es) not in the {split} split list, e.g. "
-            f"{extra[:5]}: another split, or pass your own list in expected=dict(classes=...)"
-        )
-
-
-def _check_count(wnid: str, count: int, wanted: int, where: Path) -> None:
-    if count != wanted:
-        raise MiniImageNetCountError(
-            f"{where}: class {wnid} has {count} images, expected {wanted}; a smaller copy is "
-            "read only when you say so: expected=dict(images_per_class=...)"
-        )
-
-
-def _decode_file(path: Path) -> np.ndarray:
-    """84x84 RGB uint8: other sizes are resized with LANCZOS, other modes converted to RGB."""
-    from PIL import Image  # only a reader of image files needs Pillow
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            if im.size != IMAGE_SHAPE[1::-1]:
-                im = im.resize(IMAGE_SHAPE[1::-1], Image.Resampling.LANCZOS)
-            return np.asarray(im, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise MiniImageNetFormatError(f"cannot decode the image {path}: {err}") from err
-
-
 def _read_files(
-    members: dict[str, list[Path]], wnids: tuple[str, ...], count: int, where: Path, split: str
-) -> np.ndarray:
-    _check_classes(members, wnids, where, split)
-    images = np.empty((len(wnids), count, *IMAGE_SHAPE), np.uint8)
-    for i, wnid in enumerate(wnids):
-        _check_count(wnid, len(members[wnid]), count, where / wnid if where.is_dir() else where)
-        for j, path in enumerate(members[wnid]):
-            images[i, j] = _decode_file(path)
-    return images
+    members: dict[str, list[Path]],
+    wnids: tuple[str, ...],
+    count: int | None,
+    where: Path,
+    split: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    check_classes(members, wnids, where=where, split=split)
+    return decode_classes(
+        members,
+        wnids,
+        size=IMAGE_SHAPE[:2],
+        resize=True,
+        count=count,
+        where=(lambda w: where / w) if where.is_dir() else where,
+    )
 
 
-def _read_pickle(path: Path, wnids: tuple[str, ...], count: int, split: str) -> np.ndarray:
+def _read_pickle(
+    path: Path, wnids: tuple[str, ...], count: int | None, split: str
+) -> tuple[np.ndarray, np.ndarray]:
     try:
         obj = load_pickle(path)
     except (NotAPickleError, TruncatedPickleError) as err:
@@ -288,35 +280,34 @@ def _read_pickle(path: Path, wnids: tuple[str, ...], count: int, split: str) -> 
         )
     if not isinstance(class_dict, dict):
         raise MiniImageNetFormatError(f"{path}: class_dict is a {type(class_dict).__name__}")
-    _check_classes(class_dict, wnids, path, split)
-    images = np.empty((len(wnids), count, *IMAGE_SHAPE), np.uint8)
-    for i, wnid in enumerate(wnids):
-        rows = sorted(int(r) for r in class_dict[wnid])
-        _check_count(wnid, len(rows), count, path)
-        if rows and (rows[0] < 0 or rows[-1] >= len(data)):
+    check_classes(class_dict, wnids, where=path, split=split)
+    rows = {w: sorted(int(r) for r in class_dict[w]) for w in wnids}
+    for wnid in wnids:
+        check_count(wnid, len(rows[wnid]), count, where=path)
+        if rows[wnid][0] < 0 or rows[wnid][-1] >= len(data):
             raise MiniImageNetFormatError(
                 f"{path}: class_dict[{wnid!r}] indexes rows outside image_data ({len(data)})"
             )
-        images[i] = data[rows]
-    return images
+    counts = np.array([len(rows[w]) for w in wnids], np.int32)
+    images = np.zeros((len(wnids), int(counts.max(initial=0)), *IMAGE_SHAPE), np.uint8)
+    for i, wnid in enumerate(wnids):
+        images[i, : counts[i]] = data[rows[wnid]]
+    return images, counts
 
 
-def _sources(data_dir: Path, layout: str, split: str) -> tuple[Path, list[Path]]:
+def _sources(data_dir: Path, layout: str, split: str) -> list[Path]:
     if layout == "pickle":
-        path = data_dir / _PICKLE.format(split)
-        return path, [path]
+        return [data_dir / _PICKLE.format(split)]
     if layout == "csv":
         members = _csv_members(data_dir, split)
-        return data_dir / f"{split}.csv", [data_dir / f"{split}.csv"] + sorted(
-            p for m in members.values() for p in m
-        )
+        return [data_dir / f"{split}.csv"] + sorted(p for m in members.values() for p in m)
     members = _folder_members(data_dir, split)
-    return data_dir / split, sorted(p for m in members.values() for p in m)
+    return sorted(p for m in members.values() for p in m)
 
 
 def _build(
-    data_dir: Path, layout: str, split: str, wnids: tuple[str, ...], count: int
-) -> np.ndarray:
+    data_dir: Path, layout: str, split: str, wnids: tuple[str, ...], count: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     if layout == "pickle":
         return _read_pickle(data_dir / _PICKLE.format(split), wnids, count, split)
     if layout == "csv":
@@ -326,44 +317,12 @@ def _build(
     return _read_files(_folder_members(data_dir, split), wnids, count, data_dir / split, split)
 
 
-def _source_digest(data_dir: Path, files: list[Path]) -> str:
-    """Length-prefixed relative paths and bytes: unambiguous; a renamed file changes it."""
-    h = hashlib.sha256()
-    for path in files:
-        name = path.relative_to(data_dir).as_posix().encode()
-        h.update(len(name).to_bytes(8, "little") + name + path.stat().st_size.to_bytes(8, "little"))
-        with path.open("rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def fingerprint(images: Mapping[str, np.ndarray], wnids: Mapping[str, Iterable[str]]) -> str:
-    """sha256 (hex) of each split's name, wnids, shape and image bytes, in split order.
-
-    Example:
-        >>> a = {s: np.zeros((1, 2, 84, 84, 3), np.uint8) for s in SPLITS}
-        >>> ids = {s: (f"n0{i}",) for i, s in enumerate(SPLITS)}
-        >>> fingerprint(a, ids) == fingerprint({s: a[s].copy() for s in SPLITS}, ids)
-        True
-    """
-    h = hashlib.sha256(b"miniimagenet-fingerprint-v1")
-    for split in SPLITS:
-        array = np.ascontiguousarray(images[split])
-        header = f"{split}:{','.join(wnids[split])}:{array.dtype.str}:{array.shape}\n"
-        h.update(header.encode())
-        flat = array.reshape(-1)
-        for start in range(0, flat.size, 1 << 26):
-            h.update(memoryview(flat[start : start + (1 << 26)]))
-    return h.hexdigest()
-
-
 def load_miniimagenet(
     data_dir: str | os.PathLike,
     *,
     cache_dir: str | os.PathLike | None = None,
     expected: Mapping | None = None,
-) -> MiniImageNetData:
+) -> ImageSetData:
     """mini-ImageNet's three splits as uint8 84x84 RGB arrays, preprocessed once and cached.
 
     Reads whichever container ``data_dir`` holds (see the module docstring; pickles first, then
@@ -373,13 +332,12 @@ def load_miniimagenet(
     list must be present, with nothing else, and with exactly ``images_per_class`` images: the
     standard lists (64 / 16 / 20 classes, 600 images) unless ``expected`` says otherwise, so a
     partial copy is never taken silently. The same images in any container give bit-identical
-    arrays and the same :attr:`~MiniImageNetData.fingerprint` (for PNG files; JPEG files decode
-    as Pillow decodes them).
+    arrays and the same :attr:`~metagrad.tasks.imageset.ImageSetData.fingerprint` (for PNG
+    files; JPEG files decode as Pillow decodes them).
 
-    Each split is cached as ``<cache_dir>/miniimagenet/mini84_<key>_<split>.npy`` (written
-    atomically, its sha256 beside it in ``.npy.sha256``, read back memory-mapped), where ``key``
-    hashes the source files' paths and bytes, the expected classes and count, and the
-    preprocessing version. A damaged cache is rebuilt with a warning.
+    Each split is cached by :func:`metagrad.tasks.imageset.cached_split` under
+    ``<cache_dir>/miniimagenet/``, keyed by the source files' paths and bytes, the expected
+    classes and count, and the preprocessing version; a damaged cache is rebuilt with a warning.
 
     Args:
         data_dir: the folder holding one of the containers.
@@ -387,10 +345,11 @@ def load_miniimagenet(
             cannot be written, a warning is issued and the arrays are still returned.
         expected: ``None`` for the standard split, or a dict with ``classes`` (``{split: wnids
             or a path to a split file}``; splits left out keep the standard list) and/or
-            ``images_per_class`` (int).
+            ``images_per_class`` (int, or ``None`` for any count, the rows then zero-padded).
 
     Returns:
-        A :class:`MiniImageNetData`.
+        An :class:`~metagrad.tasks.imageset.ImageSetData` named ``"miniimagenet"``, its
+        ``layout`` ``"pickle"``, ``"csv"`` or ``"folders"``.
 
     Raises:
         MiniImageNetNotFoundError: no container, part of one, or a file a csv names is missing.
@@ -409,52 +368,22 @@ def load_miniimagenet(
         metagrad.tasks.miniimagenet_io.MiniImageNetNotFoundError: mini-ImageNet not found...
     """
     data_dir = Path(data_dir).expanduser()
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    classes, count = _expected_classes(expected)
-    layout = _find_layout(data_dir)
-    images = {}
-    for split in SPLITS:
-        _, files = _sources(data_dir, layout, split)
-        key = hashlib.sha256(f"miniimagenet84-v{_FORMAT_VERSION}-{layout}-{count}".encode())
-        key.update(",".join(classes[split]).encode())
-        key.update(_source_digest(data_dir, files).encode())
-        path = cache_dir / "miniimagenet" / f"mini84_{key.hexdigest()[:32]}_{split}.npy"
-        shape = (len(classes[split]), count, *IMAGE_SHAPE)
-        array = _read_cache(path, shape)
-        if array is None:
-            array = _build(data_dir, layout, split, classes[split], count)
-            array = _write_cache(path, array)
-        images[split] = array
-    return MiniImageNetData(images, classes, fingerprint(images, classes), layout)
-
-
-# --- cache -------------------------------------------------------------------------------------
-
-
-def _read_cache(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The cached split memory-mapped, or None when absent or damaged (then rebuilt, with a
-    warning for a damaged one). The file's sha256, written beside it, is checked first."""
-    if not path.exists():
-        return None
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False) if matches_checksum(path) else None
-    except (OSError, ValueError):
-        array = None
-    if array is not None and array.dtype == np.uint8 and array.shape == shape:
-        return array
-    warnings.warn(f"the mini-ImageNet cache {path} is damaged; rebuilding it", stacklevel=3)
-    return None
-
-
-def _write_cache(path: Path, array: np.ndarray) -> np.ndarray:
-    """Written whole and verified (:func:`metagrad._files.write_verified`). Returns the array
-    memory-mapped from the cache, or as given when the cache cannot be written."""
-    try:
-        write_verified(path, lambda f: np.save(f, array, allow_pickle=False))
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except OSError as err:
-        warnings.warn(
-            f"could not write the mini-ImageNet cache {path} ({err}); it will be rebuilt next time",
-            stacklevel=3,
-        )
-        return array
+    with _own_errors():
+        classes, count = resolve_expected(_NAME, expected)
+        layout = _find_layout(data_dir)
+        images, counts = {}, {}
+        for split in SPLITS:
+            digest = source_digest(data_dir, _sources(data_dir, layout, split))
+            key = (
+                f"{_NAME}84-v{_FORMAT_VERSION}-{layout}-{count}-{','.join(classes[split])}-{digest}"
+            )
+            images[split], counts[split] = cached_split(
+                _NAME,
+                key,
+                split,
+                lambda split=split: _build(data_dir, layout, split, classes[split], count),
+                cache_dir=cache_dir,
+            )
+    return ImageSetData(
+        _NAME, images, counts, classes, fingerprint(_NAME, images, counts, classes), layout
+    )
