@@ -129,6 +129,14 @@ def _flat(node, prefix=""):
             [p for p in _options("experiment") if p.startswith("maml_omniglot_")]
             + ["omniglot_5w1s_cpu"],
         ),
+        (
+            "maml_miniimagenet",
+            [
+                p
+                for p in _options("experiment")
+                if p.split("_")[1] in ("miniimagenet", "cifarfs", "fc100", "tiered")
+            ],
+        ),
     ],
 )
 def test_presets_are_diffs_over_one_protocol_file(protocol, presets):
@@ -138,6 +146,9 @@ def test_presets_are_diffs_over_one_protocol_file(protocol, presets):
         text = yaml.safe_load((CONF / "experiment" / f"{preset}.yaml").read_text())
         assert text["defaults"][0] == f"/protocol/{protocol}", preset
         stated = _flat({k: v for k, v in text.items() if k != "defaults"})
+        for entry in text["defaults"][1:]:  # another task: "override /task: cifarfs"
+            if isinstance(entry, dict) and "override /task" in entry:
+                stated["task.name"] = entry["override /task"]
         cfg = OmegaConf.to_container(_compose([f"+experiment={preset}"]))
         base = OmegaConf.to_container(
             _compose([f"+protocol={protocol}", f"algo={cfg['algo']['name']}"])

@@ -5,13 +5,15 @@ says what it means; this module turns it into the objects, in one place.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -20,12 +22,15 @@ from metagrad._types import MetaParams, Task
 from metagrad.estimators import MetaGradEstimator, learned_rates, make_estimator
 from metagrad.experiment.config import (
     BNPolicy,
+    ConfigError,
     Conv4Config,
     Conv4QuantConfig,
     Curvature,
+    ImageTaskConfig,
     IMAMLConfig,
     MLPQuantConfig,
     OuterOptimizer,
+    ResNet12Config,
     Schedule,
     SinusoidConfig,
 )
@@ -62,6 +67,9 @@ class TaskSource:
     # (leading axis n, on the device, prefetched), each step's slice passed to ``sample_train``
     # in place of ``train_data``. None: tasks are sampled on the device from ``train_data``.
     stream: Any = None
+    # What run_info.json records of the data ("data"): the data set, the container read, its
+    # fingerprint (sha256 of the decoded splits) and the classes and images per split.
+    info: dict = field(default_factory=dict)
 
 
 def build_task_source(cfg) -> TaskSource:
@@ -78,6 +86,8 @@ def build_task_source(cfg) -> TaskSource:
             )
 
         return TaskSource("regression", None, sample_train, heldout)
+    if isinstance(t, ImageTaskConfig):
+        return image_benchmark_source(cfg)
     return omniglot_task_source(cfg)
 
 
@@ -97,10 +107,7 @@ def omniglot_task_source(cfg) -> TaskSource:
         omniglot.make_sampler(splits[name], ways=t.ways, shots=shots, query=query)
     train_images = jnp.asarray(splits["train"])
 
-    # The "support" batch-norm policy normalises query images with support statistics, so
-    # the query batches carry the support images (metagrad.nn.losses.forward).
-    support = isinstance(cfg.model, Conv4Config) and cfg.model.bn_policy == BNPolicy.support
-    finish = with_support_context if support else (lambda task: task)
+    finish = with_support_context if _support_context(cfg) else (lambda task: task)
 
     def sample_train(images, key, batch_size):
         keys = jax.random.split(key, batch_size)
@@ -117,10 +124,63 @@ def omniglot_task_source(cfg) -> TaskSource:
     return TaskSource("classification", train_images, sample_train, heldout)
 
 
+def _support_context(cfg) -> bool:
+    """The "support" batch-norm policy normalises query images with support statistics, so the
+    query batches carry the support images (metagrad.nn.losses.forward)."""
+    return getattr(cfg.model, "bn_policy", None) == BNPolicy.support
+
+
+def image_benchmark_source(cfg) -> TaskSource:
+    """Reads (or finds the cache of) an image benchmark, checks the task sizes and chooses the
+    sampling path (on the device, or streamed from the host), before any compilation."""
+    from metagrad.experiment.image_source import image_task_source
+    from metagrad.tasks.augment import AugmentOptions
+    from metagrad.tasks.imageset import load_image_dataset
+
+    t, e = cfg.task, cfg.eval
+    if t.name == "folder" and len(t.classes.as_dict()) < 3:
+        missing = [s for s in ("train", "val", "test") if s not in t.classes.as_dict()]
+        raise ConfigError(
+            f"task.classes.{missing[0]}=null: task=folder needs a split file per split (one "
+            "class folder name per line): task.classes.train=... task.classes.val=... "
+            "task.classes.test=..."
+        )
+    data_dir = t.data_dir or os.path.join(os.environ.get("METAGRAD_DATA", "data"), t.name)
+    data = load_image_dataset(
+        t.name, data_dir, cache_dir=t.cache_dir, expected=t.expected(), **t.reader_options()
+    )
+    a = t.augment
+    budget = None if t.device_budget_mb is None else int(t.device_budget_mb * 2**20)
+    source = image_task_source(
+        data,
+        ways=t.ways,
+        shots=t.shots,
+        query=t.query,
+        eval_shots=e.shots or t.shots,
+        eval_query=e.query or t.query,
+        meta_batch_size=cfg.train.meta_batch_size,
+        sampling=str(t.sampling),
+        device_budget_bytes=budget,
+        augment=AugmentOptions(a.crop_padding, a.flip, a.color_jitter) if a.enabled else None,
+        support_context=_support_context(cfg),
+        prefetch=t.prefetch,
+    )
+    source.info = dict(
+        dataset=data.name,
+        data_dir=str(data_dir),
+        layout=data.layout,
+        fingerprint=data.fingerprint,
+        classes={s: len(c) for s, c in data.classes.items()},
+        images={s: int(np.sum(n)) for s, n in data.counts.items()},
+        sampling="host" if source.stream is not None else "device",
+    )
+    return source
+
+
 def build_model(cfg, key: jax.Array) -> Model:
     m, steps = cfg.model, cfg.inner.steps
     rngs = nnx.Rngs(params=key)
-    if not isinstance(m, Conv4Config):  # the MLPs
+    if not isinstance(m, Conv4Config | ResNet12Config):  # the MLPs
         cls = (
             partial(mnn.QuantMLP, **m.quant_kwargs()) if isinstance(m, MLPQuantConfig) else mnn.MLP
         )
@@ -128,21 +188,33 @@ def build_model(cfg, key: jax.Array) -> Model:
         module = nnx.jit(lambda k: cls(1, tuple(m.hidden), 1, rngs=nnx.Rngs(params=k)))(key)
         params, apply = mnn.functional(module)
         return Model(params, apply, mnn.mse_loss(apply), None, False)
-    conv_kw = dict(
-        hidden=m.channels,
-        downsample=str(m.downsample),
-        conv_impl=str(m.conv_impl),
-        bn_policy=str(m.bn_policy),
-        steps=max(steps, 1),
-        rngs=rngs,
+    in_channels, ways = type(cfg.task).IN_CHANNELS, cfg.task.ways
+    common = dict(
+        conv_impl=str(m.conv_impl), bn_policy=str(m.bn_policy), steps=max(steps, 1), rngs=rngs
     )
-    if isinstance(m, Conv4QuantConfig):
-        module = mnn.QuantConv4(1, cfg.task.ways, **conv_kw, **m.quant_kwargs())
+    if isinstance(m, ResNet12Config):
+        module = mnn.ResNet12(in_channels, ways, widths=tuple(m.widths), **common)
+    elif isinstance(m, Conv4QuantConfig):
+        conv_kw = dict(hidden=m.channels, downsample=str(m.downsample), **common)
+        module = mnn.QuantConv4(in_channels, ways, **conv_kw, **m.quant_kwargs())
     else:
-        module = mnn.Conv4(1, cfg.task.ways, **conv_kw)
+        module = mnn.Conv4(
+            in_channels,
+            ways,
+            hidden=m.channels,
+            downsample=str(m.downsample),
+            pool=str(m.pool),
+            maxpool_padding=str(m.maxpool_padding),
+            image_size=_image_size(cfg.task),
+            **common,
+        )
     params, apply = mnn.functional(module)
     step_arg = m.bn_policy == BNPolicy.per_step
     return Model(params, apply, mnn.cross_entropy_loss(apply), mnn.accuracy(apply), step_arg)
+
+
+def _image_size(task) -> int:
+    return task.image_size() if isinstance(task, ImageTaskConfig) else type(task).IMAGE_SIZE
 
 
 def inner_mask(cfg, params):
@@ -194,6 +266,8 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
     opt = optax.adam(lr) if o.optimizer == OuterOptimizer.adam else optax.sgd(lr)
     if o.clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
+    if o.clip_value is not None:
+        opt = optax.chain(optax.clip(o.clip_value), opt)
     return opt
 
 
@@ -214,6 +288,6 @@ def resolve_task_batching(cfg) -> str | int:
     """``train.task_batching``; ``auto`` is :func:`metagrad.outer.default_task_batching`."""
     tb = str(cfg.train.task_batching)
     if tb == "auto":
-        convolutional = isinstance(cfg.model, Conv4Config)
+        convolutional = isinstance(cfg.model, Conv4Config | ResNet12Config)
         return default_task_batching(jax.default_backend(), convolutional=convolutional)
     return int(tb) if tb.isdigit() else tb

@@ -181,7 +181,8 @@ def start_run(cfg, run_dir: Path, *, primary: bool) -> Run:
         best_val = extra["best_val"]
     log = None
     if primary:
-        write_json(run_dir / "run_info.json", run_metadata())
+        data = {"data": exp.source.info} if exp.source.info else {}  # the image benchmarks'
+        write_json(run_dir / "run_info.json", {**run_metadata(), **data})
         tensorboard = None
         if t.tensorboard:
             from tensorboardX import SummaryWriter  # optional; validate() checked it is there

@@ -35,6 +35,22 @@ class Downsample(StrEnum):
     maxpool = "maxpool"
 
 
+class Pool(StrEnum):
+    mean = "mean"  # global mean over space (Finn et al.'s Omniglot model)
+    flatten = "flatten"  # the feature map flattened (Finn et al.'s mini-ImageNet model)
+
+
+class Padding(StrEnum):
+    SAME = "SAME"
+    VALID = "VALID"  # Finn et al.'s max-pool: 84 -> 42 -> 21 -> 10 -> 5
+
+
+class Sampling(StrEnum):
+    auto = "auto"  # on the device when the training split fits the budget, else from the host
+    device = "device"
+    host = "host"  # host streaming from the memory-mapped cache, prefetched to the device
+
+
 class ConvImpl(StrEnum):
     auto = "auto"
     lax = "lax"

@@ -13,7 +13,10 @@ from metagrad.experiment.config.base import (
     Downsample,
     Node,
     Option,
+    Padding,
+    Pool,
     Quantizer,
+    Sampling,
     Split,
     finite,
     is_int,
@@ -61,9 +64,155 @@ class OmniglotConfig(TaskConfig):
     cache_dir: str | None = None  # default $METAGRAD_CACHE or ~/.cache/metagrad
     split: Split = Split.finn
 
+    IN_CHANNELS: ClassVar[int] = 1
+    IMAGE_SIZE: ClassVar[int] = 28
+
     def check(self):
         super().check()
         self.need("ways", lambda v: is_int(v) and v >= 2, "must be at least 2")
+
+
+@dataclass
+class AugmentConfig(Node):
+    """``task.augment``: on-device augmentation of training tasks (off in the MAML presets, as in
+    the papers); see `metagrad.tasks.augment`."""
+
+    KEY: ClassVar[str] = "task.augment"
+    crop_padding: int = 0  # random crop after zero-padding this many pixels per side
+    flip: bool = False  # random horizontal flip
+    color_jitter: float = 0.0  # brightness, contrast and saturation factors in [1 - j, 1 + j]
+
+    def check(self):
+        super().check()
+        self.need("crop_padding", nonneg_int, "must be a non-negative integer")
+        self.need("flip", lambda v: isinstance(v, bool), "must be true or false")
+        self.need("color_jitter", lambda v: finite(v) and 0 <= v < 1, "must be in [0, 1)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.crop_padding or self.flip or self.color_jitter)
+
+
+@dataclass
+class SplitFilesConfig(Node):
+    """``task.classes``: a split file of one's own per split (one class per line), replacing the
+    list that ships with metagrad; null keeps the shipped list."""
+
+    KEY: ClassVar[str] = "task.classes"
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        return {s: getattr(self, s) for s in ("train", "val", "test") if getattr(self, s)}
+
+
+@dataclass
+class ImageTaskConfig(TaskConfig):
+    """What every image benchmark shares (`metagrad.tasks.imageset`): N-way K-shot tasks from the
+    files in ``data_dir`` (nothing is downloaded), checked against the split lists that ship with
+    metagrad unless ``classes`` or ``images_per_class`` say otherwise."""
+
+    IN_CHANNELS: ClassVar[int] = 3
+    IMAGE_SIZE: ClassVar[int] = 84
+    ways: int = 5
+    shots: int = 1
+    query: int = 15
+    data_dir: str | None = None  # default $METAGRAD_DATA/<name>
+    cache_dir: str | None = None  # default $METAGRAD_CACHE or ~/.cache/metagrad
+    classes: SplitFilesConfig = field(default_factory=SplitFilesConfig)
+    images_per_class: int | None = None  # accept a copy with this many images per class
+    sampling: Sampling = Sampling.auto
+    device_budget_mb: float | None = None  # default: a fraction of the device's free memory
+    prefetch: int = 2  # host streaming: steps gathered ahead of the compiled step
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def check(self):
+        super().check()
+        self.need("ways", lambda v: is_int(v) and v >= 2, "must be at least 2")
+        self.need("images_per_class", optional(positive_int), "must be a positive int or null")
+        self.need("device_budget_mb", optional(lambda v: finite(v) and v > 0), "must be > 0")
+        self.need("prefetch", positive_int, "must be a positive integer")
+
+    def image_size(self) -> int:
+        """The side of the square images the reader returns (and the model sees)."""
+        return self.IMAGE_SIZE
+
+    def expected(self) -> dict | None:
+        """The reader's ``expected=``: None for the shipped lists at their standard counts."""
+        out = {}
+        if self.classes.as_dict():
+            out["classes"] = self.classes.as_dict()
+        if self.images_per_class is not None:
+            out["images_per_class"] = self.images_per_class
+        return out or None
+
+    def reader_options(self) -> dict:
+        return {}
+
+
+@dataclass
+class MiniImageNetConfig(ImageTaskConfig):
+    """``task/miniimagenet``: Ravi & Larochelle's split, 64/16/20 classes x 600, 84x84 RGB."""
+
+    NAME: ClassVar[str] = "miniimagenet"
+    name: str = "miniimagenet"
+
+
+@dataclass
+class TieredImageNetConfig(ImageTaskConfig):
+    """``task/tieredimagenet``: Ren et al.'s 351/97/160 classes, 84x84 RGB (~16 GB: streamed
+    from the host unless it fits ``device_budget_mb``)."""
+
+    NAME: ClassVar[str] = "tieredimagenet"
+    name: str = "tieredimagenet"
+
+
+@dataclass
+class CIFARFSConfig(ImageTaskConfig):
+    """``task/cifarfs``: Bertinetto et al.'s 64/16/20 CIFAR-100 classes x 600, 32x32 RGB."""
+
+    NAME: ClassVar[str] = "cifarfs"
+    name: str = "cifarfs"
+    IMAGE_SIZE: ClassVar[int] = 32
+
+
+@dataclass
+class FC100Config(ImageTaskConfig):
+    """``task/fc100``: Oreshkin et al.'s 60/20/20 CIFAR-100 classes by super-class, 32x32 RGB."""
+
+    NAME: ClassVar[str] = "fc100"
+    name: str = "fc100"
+    IMAGE_SIZE: ClassVar[int] = 32
+
+
+@dataclass
+class CUBConfig(ImageTaskConfig):
+    """``task/cub``: CUB-200-2011, Chen et al.'s 100/50/50 split, resized to 84x84 RGB."""
+
+    NAME: ClassVar[str] = "cub"
+    name: str = "cub"
+
+
+@dataclass
+class FolderConfig(ImageTaskConfig):
+    """``task/folder``: any ``data_dir/<class>/<image>`` folder with the user's split files
+    (``task.classes.train`` / ``val`` / ``test``, all three required), resized to
+    ``image_size``."""
+
+    NAME: ClassVar[str] = "folder"
+    name: str = "folder"
+    size: int = 84  # images are resized to size x size
+
+    def check(self):
+        super().check()
+        self.need("size", lambda v: is_int(v) and v >= 8, "must be an int >= 8")
+
+    def image_size(self) -> int:
+        return self.size
+
+    def reader_options(self) -> dict:
+        return {"image_size": (self.size, self.size)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +251,8 @@ class Conv4Config(ModelConfig):
     downsample: Downsample = Downsample.strided
     conv_impl: ConvImpl = ConvImpl.auto
     bn_policy: BNPolicy = BNPolicy.transductive
+    pool: Pool = Pool.mean
+    maxpool_padding: Padding = Padding.SAME
 
     def check(self):
         super().check()
@@ -153,6 +304,26 @@ class Conv4QuantConfig(_Quantized, Conv4Config):
 
     NAME: ClassVar[str] = "conv4_quant"
     name: str = "conv4_quant"
+
+
+@dataclass
+class ResNet12Config(ModelConfig):
+    """``model/resnet12``: ResNet-12 of MetaOptNet and RFS (`metagrad.nn.ResNet12`), widths
+    64-160-320-640 by default. Rematerialising its inner loop is ``inner.remat=true``."""
+
+    NAME: ClassVar[str] = "resnet12"
+    name: str = "resnet12"
+    widths: list[int] = field(default_factory=lambda: [64, 160, 320, 640])
+    conv_impl: ConvImpl = ConvImpl.auto
+    bn_policy: BNPolicy = BNPolicy.transductive
+
+    def check(self):
+        super().check()
+        self.need(
+            "widths",
+            lambda v: len(v) == 4 and all(positive_int(w) for w in v),
+            "must be four positive integers (one per block)",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,9 +521,19 @@ class IMAMLConfig(AlgoConfig):
 # ---------------------------------------------------------------------------------------------
 # The root, and the registry of group options (what `experiments/_hydra.py` stores).
 
-TASKS: dict[str, type[TaskConfig]] = {c.NAME: c for c in (SinusoidConfig, OmniglotConfig)}
+IMAGE_TASKS: tuple[type[ImageTaskConfig], ...] = (
+    MiniImageNetConfig,
+    TieredImageNetConfig,
+    CIFARFSConfig,
+    FC100Config,
+    CUBConfig,
+    FolderConfig,
+)
+TASKS: dict[str, type[TaskConfig]] = {
+    c.NAME: c for c in (SinusoidConfig, OmniglotConfig, *IMAGE_TASKS)
+}
 MODELS: dict[str, type[ModelConfig]] = {
-    c.NAME: c for c in (MLPConfig, Conv4Config, MLPQuantConfig, Conv4QuantConfig)
+    c.NAME: c for c in (MLPConfig, Conv4Config, MLPQuantConfig, Conv4QuantConfig, ResNet12Config)
 }
 ALGOS: dict[str, type[AlgoConfig]] = {
     c.NAME: c

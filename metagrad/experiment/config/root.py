@@ -14,6 +14,8 @@ from metagrad.experiment.config.base import (
     ConfigError,
     Node,
     OuterOptimizer,
+    Padding,
+    Pool,
     Schedule,
     finite,
     is_int,
@@ -24,7 +26,7 @@ from metagrad.experiment.config.base import (
 from metagrad.experiment.config.options import (
     GROUP_OPTIONS,
     AlgoConfig,
-    Conv4Config,
+    Conv4QuantConfig,
     MAMLConfig,
     MLPConfig,
     ModelConfig,
@@ -53,12 +55,14 @@ class OuterLoopConfig(Node):
     lr: float = 1e-3
     optimizer: OuterOptimizer = OuterOptimizer.adam
     clip_norm: float | None = None  # global-norm clipping of the meta-gradient
+    clip_value: float | None = None  # each entry clipped to [-v, v] (Finn et al.'s mini-ImageNet)
     schedule: Schedule = Schedule.constant
     min_lr_ratio: float = 0.0  # cosine, linear: final lr / initial lr
 
     def check(self):
         self.need("lr", lambda v: finite(v) and v > 0, "must be positive and finite")
         self.need("clip_norm", optional(lambda v: finite(v) and v > 0), "must be positive or null")
+        self.need("clip_value", optional(lambda v: finite(v) and v > 0), "must be positive or null")
         self.need("min_lr_ratio", lambda v: finite(v) and 0 <= v <= 1, "must be in [0, 1]")
 
 
@@ -218,7 +222,13 @@ def _cross_checks(cfg: Config) -> None:
     if isinstance(task, SinusoidConfig) != isinstance(model, MLPConfig):
         raise ConfigError(
             f"model.name={model.name!r}: task {task.name} needs "
-            f"{'an mlp' if isinstance(task, SinusoidConfig) else 'a conv4'} model"
+            f"{'an mlp' if isinstance(task, SinusoidConfig) else 'a conv4 or resnet12'} model"
+        )
+    if isinstance(model, Conv4QuantConfig) and (
+        model.pool != Pool.mean or model.maxpool_padding != Padding.SAME
+    ):
+        raise ConfigError(
+            f"model.pool={model.pool.value!r}: conv4_quant pools by the mean over space only"
         )
     if steps < algo.MIN_INNER_STEPS:
         raise ConfigError(f"inner.steps={steps!r}: {algo.name} needs at least one step")
@@ -226,11 +236,7 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             f"inner.steps={steps!r}: algo.per_step_lr=true needs at least one inner step"
         )
-    if (
-        isinstance(model, Conv4Config)
-        and model.bn_policy == BNPolicy.per_step
-        and not algo.PASSES_STEP
-    ):
+    if getattr(model, "bn_policy", None) == BNPolicy.per_step and not algo.PASSES_STEP:
         raise ConfigError(
             "model.bn_policy='per_step': batch norm per inner step needs an algorithm whose "
             f"inner loop passes the step (maml, fomaml, anil, metasgd, mamlpp), not {algo.name}"
