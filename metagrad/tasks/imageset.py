@@ -525,8 +525,16 @@ def default_cache_dir() -> Path:
     """``$METAGRAD_CACHE``, or ``~/.cache/metagrad`` when it is not set.
 
     Example:
-        >>> default_cache_dir().name in {"metagrad", os.environ.get("METAGRAD_CACHE", "")[-8:]}
+        >>> saved = os.environ.pop("METAGRAD_CACHE", None)
+        >>> default_cache_dir() == Path.home() / ".cache" / "metagrad"
         True
+        >>> os.environ["METAGRAD_CACHE"] = "/data/cache"
+        >>> default_cache_dir().as_posix()
+        '/data/cache'
+        >>> if saved is None:
+        ...     del os.environ["METAGRAD_CACHE"]
+        ... else:
+        ...     os.environ["METAGRAD_CACHE"] = saved
     """
     return Path(os.environ.get("METAGRAD_CACHE") or Path.home() / ".cache" / "metagrad")
 
