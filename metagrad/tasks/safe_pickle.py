@@ -81,8 +81,8 @@ class TruncatedPickleError(SafePickleError):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: IO[bytes], where: str) -> None:
-        super().__init__(file)
+    def __init__(self, file: IO[bytes], where: str, encoding: str) -> None:
+        super().__init__(file, encoding=encoding)
         self._where = where
 
     def find_class(self, module: str, name: str) -> Any:
@@ -125,7 +125,7 @@ def _sniff(head: bytes, where: str) -> None:
         raise NotAPickleError(f"{where} is a zip archive, not a pickle: extract it first", where)
 
 
-def load_pickle(path_or_file: str | os.PathLike | IO[bytes]) -> Any:
+def load_pickle(path_or_file: str | os.PathLike | IO[bytes], *, encoding: str = "ASCII") -> Any:
     """Unpickle a data set file with a restricted unpickler that cannot run code.
 
     ``pickle.load`` executes whatever the file says, including importing and calling
@@ -135,6 +135,11 @@ def load_pickle(path_or_file: str | os.PathLike | IO[bytes]) -> Any:
 
     Args:
         path_or_file: a path, or a binary file object (its ``name``, if any, is used in errors).
+        encoding: how the 8-bit strings of a Python 2 pickle are decoded (``pickle.Unpickler``'s
+            option): ``"latin1"`` for files written by Python 2 that hold numpy arrays
+            (``cifar-100-python``, tiered-ImageNet's release): numpy rebuilds the array bytes
+            from latin-1 text exactly; ``"bytes"`` keeps them as bytes. It changes no rule about
+            which globals are admitted.
 
     Returns:
         The unpickled object.
@@ -156,11 +161,11 @@ def load_pickle(path_or_file: str | os.PathLike | IO[bytes]) -> Any:
     """
     if isinstance(path_or_file, str | os.PathLike):
         with open(Path(path_or_file).expanduser(), "rb") as f:
-            return _load(f, str(path_or_file))
-    return _load(path_or_file, str(getattr(path_or_file, "name", "<stream>")))
+            return _load(f, str(path_or_file), encoding)
+    return _load(path_or_file, str(getattr(path_or_file, "name", "<stream>")), encoding)
 
 
-def _load(file: IO[bytes], where: str) -> Any:
+def _load(file: IO[bytes], where: str, encoding: str) -> Any:
     if file.seekable():
         start = file.tell()
         head = file.read(64)
@@ -170,7 +175,7 @@ def _load(file: IO[bytes], where: str) -> Any:
         head = file.peek(64)[:64]
     _sniff(head, where)
     try:
-        return _RestrictedUnpickler(file, where).load()
+        return _RestrictedUnpickler(file, where, encoding).load()
     except SafePickleError:
         raise
     except EOFError as err:
@@ -183,6 +188,12 @@ def _load(file: IO[bytes], where: str) -> Any:
                 f"{where} is truncated ({err}): the download or copy was cut off", where
             ) from err
         raise NotAPickleError(f"{where} is not a readable pickle ({err})", where) from err
+    except UnicodeDecodeError as err:
+        raise NotAPickleError(
+            f"{where} holds Python 2 strings that are not {encoding} ({err}); a Python 2 pickle "
+            "of numpy arrays is read with encoding='latin1'",
+            where,
+        ) from err
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, MemoryError) as err:
         raise NotAPickleError(
             f"{where} is a corrupt pickle ({type(err).__name__}: {err})", where
