@@ -33,6 +33,10 @@ ROOTS = (
     "metagrad.tasks",
     "metagrad.tasks.sinusoid",  # no longer imported by metagrad.tasks
     "metagrad.tasks.omniglot",
+    "metagrad.tasks.imageset",
+    "metagrad.tasks.miniimagenet_io",
+    "metagrad.tasks.folder",
+    "metagrad.tasks.cub",
     "metagrad.experiment",
 )
 

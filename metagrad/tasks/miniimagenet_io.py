@@ -48,10 +48,8 @@ from metagrad.tasks.imageset import (
 )
 from metagrad.tasks.safe_pickle import NotAPickleError, TruncatedPickleError, load_pickle
 
+# Public names (the constants IMAGES_PER_CLASS, IMAGE_SHAPE and SPLITS are importable too).
 __all__ = [
-    "IMAGES_PER_CLASS",
-    "IMAGE_SHAPE",
-    "SPLITS",
     "MiniImageNetClassError",
     "MiniImageNetCountError",
     "MiniImageNetData",
