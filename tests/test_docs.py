@@ -33,6 +33,8 @@ ROOTS = (
     "metagrad.tasks",
     "metagrad.tasks.sinusoid",  # no longer imported by metagrad.tasks
     "metagrad.tasks.omniglot",
+    "metagrad.tasks.tieredimagenet",
+    "metagrad.tasks.cifar",
     "metagrad.tasks.imageset",
     "metagrad.tasks.miniimagenet_io",
     "metagrad.tasks.folder",
