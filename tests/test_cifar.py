@@ -329,3 +329,19 @@ def test_a_pickle_that_imports_os_is_refused_and_not_run(copies, tmp_path, monke
     with pytest.raises(UnsafePickleError, match=r"tar\.gz:cifar-100-python/test asks for .*system"):
         read_cifar100(path)
     assert not (tmp_path / "pwned-by-pickle").exists()
+
+
+def test_load_pickle_reads_python2_strings_only_when_told_and_stays_restricted():
+    from metagrad.tasks.safe_pickle import NotAPickleError, load_pickle
+
+    array = (np.arange(600) % 256).astype(np.uint8).reshape(2, 300)  # bytes >= 0x80
+    blob = py2_dumps({"data": array, "name": "batch"})
+    with pytest.raises(NotAPickleError, match=r"Python 2 strings that are not ASCII.*latin1"):
+        load_pickle(io.BytesIO(blob))
+    latin1 = load_pickle(io.BytesIO(blob), encoding="latin1")
+    np.testing.assert_array_equal(latin1["data"], array)
+    assert latin1["name"] == "batch"
+    assert load_pickle(io.BytesIO(blob), encoding="bytes")[b"name"] == b"batch"
+    evil = py2_dumps({"data": _RunsCode()})
+    with pytest.raises(UnsafePickleError, match=r"system"):
+        load_pickle(io.BytesIO(evil), encoding="latin1")
