@@ -35,10 +35,13 @@ names call class ``k`` ``"label_<k>"``.
 
 **Size.** Split ``s`` is uint8 ``(classes, 1300, 84, 84, 3)``, class ``i`` named
 ``classes[s][i]`` (sorted), its images in file order, zero rows after its ``counts[s][i]``. The
-cache (:func:`metagrad.tasks.imageset.cached_split`) is about 16 GB for the three splits, more
-than a device holds next to a model: the trainer streams tasks from this memory-mapped cache on
-the host (``task.sampling=auto`` does so when the split exceeds the device budget). Building it
-decodes every image once and needs memory for one split's array (about 10 GB for train).
+cache (:func:`metagrad.tasks.imageset.cached_split`) is about 16 GB for the three splits
+(608 x 1300 x 84 x 84 x 3 bytes = 16.7 GB, 15.6 GiB; train alone 9.7 GB), more than a device
+holds next to a model: the trainer streams tasks from this memory-mapped cache on the host
+(``task.sampling=auto`` does so when a split exceeds the device budget). Building the cache
+decodes every image once, a few minutes, and holds one split's array in memory together with its
+PNG pickle (the restricted unpickler reads a pickle whole): plan for about 17 GB of RAM for the
+train split. Later loads hash the source files (cache key) and the cached arrays (fingerprint).
 """
 
 from __future__ import annotations
@@ -242,6 +245,7 @@ def _npy_header(f) -> tuple[tuple, bool, np.dtype]:
 def _npz_header(path: Path, key: str) -> tuple[zipfile.ZipFile, tuple, np.dtype]:
     """The open zip, the shape and the dtype of member ``key``, read from its .npy header."""
     _sniff_npz(path)
+    archive = None
     try:
         archive = zipfile.ZipFile(path)
         names = archive.namelist()
@@ -253,6 +257,8 @@ def _npz_header(path: Path, key: str) -> tuple[zipfile.ZipFile, tuple, np.dtype]
         with archive.open(f"{key}.npy") as f:
             shape, fortran, dtype = _npy_header(f)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        if archive is not None:
+            archive.close()
         raise ImageSetFormatError(
             f"{path} is not a readable npz ({type(err).__name__}: {err}): truncated or damaged"
         ) from err
