@@ -282,7 +282,7 @@ def test_registry_dispatches_lazily(tmp_path, monkeypatch):
 def test_importing_the_readers_does_not_load_pillow():
     code = (
         "import sys, metagrad.tasks.imageset, metagrad.tasks.folder, metagrad.tasks.cub, "
-        "metagrad.tasks.miniimagenet_io; print('PIL' in sys.modules)"
+        "metagrad.tasks.miniimagenet; print('PIL' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -327,10 +327,4 @@ def test_sampler_labels_images_and_limits():
     assert batch.support[0].shape == (3, 2, 2, 2, 3)
 
 
-def test_importing_the_reader_does_not_load_pillow():
-    import subprocess
-    import sys
-
-    code = "import sys, metagrad.tasks.miniimagenet; print('PIL' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+# That importing the reader does not load Pillow: tests/test_imageset.py, for every image reader.
