@@ -158,6 +158,9 @@ def fingerprint(
     does, so the folder reader (name ``"folder"``) on a copy of mini-ImageNet gives the same
     arrays as :func:`~metagrad.tasks.miniimagenet_io.load_miniimagenet` but another
     fingerprint: a fingerprint says which benchmark a number is on, not only which pixels.
+    Images stored encoded (JPEG folders) are hashed as decoded and resized, so two labs with the
+    same files but Pillow/libjpeg builds that decode differently get different fingerprints:
+    the fingerprint certifies the arrays that were trained on.
 
     Example:
         >>> a = {"train": np.zeros((1, 2, 4, 4, 3), np.uint8)}
@@ -211,8 +214,8 @@ def read_split_file(
     """Class names of a split file: one per line, ``#`` comments and blank lines ignored; sorted.
 
     Args:
-        path_or_text: a path (``Path``, or a one-line ``str`` naming an existing file) or the
-            file's text.
+        path_or_text: a path (a ``Path``, or a one-line ``str`` that names an existing file,
+            holds a ``/`` or ends in ``.txt``), or else the file's text.
         where: the name errors give; default the path, or ``<split file>`` for text.
 
     Raises:
@@ -222,10 +225,11 @@ def read_split_file(
     Example:
         >>> read_split_file("# mine\\nn02\\nn01  # a comment\\n")
         ('n01', 'n02')
+        >>> read_split_file("~/no/such/train.txt")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        metagrad.tasks.imageset.ImageSetNotFoundError: split file .../no/such/train.txt does not...
     """
-    if isinstance(path_or_text, os.PathLike) or (
-        isinstance(path_or_text, str) and "\n" not in path_or_text and Path(path_or_text).is_file()
-    ):
+    if isinstance(path_or_text, os.PathLike) or _names_a_file(path_or_text):
         path = Path(path_or_text).expanduser()
         where = where or str(path)
         try:
@@ -242,6 +246,14 @@ def read_split_file(
     if twice:
         raise ImageSetClassError(f"{where} lists a class twice: {twice[:5]}")
     return tuple(sorted(names))
+
+
+def _names_a_file(text: str) -> bool:
+    if not isinstance(text, str) or "\n" in text or not text.strip():
+        return False
+    return (
+        "/" in text or os.sep in text or text.endswith(".txt") or Path(text).expanduser().is_file()
+    )
 
 
 def resolve_expected(
