@@ -263,7 +263,7 @@ def protomaml(
     evaluate another step count with ``protomaml(steps=...)``'s ``objective``.
 
     Example:
-        >>> from metagrad import MetaParams, Task, check_meta_grad
+        >>> from metagrad import MetaParams, Task
         >>> embed_fn = lambda w, x: jnp.tanh(x @ w)
         >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0]])
         >>> task = Task((x, jnp.array([0, 1])), (x, jnp.array([0, 1])))
@@ -273,8 +273,6 @@ def protomaml(
         True
         >>> l1 = protomaml(steps=1, lr=0.5).objective(embed_fn, mp, task, 0)[0]
         >>> bool(l1 < l0)  # a step on the support set (here also the query) lowers the loss
-        True
-        >>> check_meta_grad(protomaml(steps=2, lr=0.5), embed_fn, mp, task) < 1e-6
         True
     """
     _check_ways(ways)
