@@ -1,5 +1,6 @@
 """The compiled unit of training: a chunk of meta-steps in one call (a ``lax.scan`` with task
-sampling on the device), compiled ahead of time and checked against the device's memory."""
+sampling on the device, or over task data streamed from the host), compiled ahead of time and
+checked against the device's memory."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from metagrad.outer import MetaState
 PRESAMPLE_BYTES = 64 * 2**20
 
 
+def _base_key(exp) -> jax.Array:
+    """The key the training tasks of step ``s`` are drawn from is ``fold_in(base_key, s)``."""
+    return jax.random.key(exp.cfg.seed + 1)
+
+
 def _chunk_fn(exp, learner, presample_bytes: int = PRESAMPLE_BYTES):
     """One compiled call: ``n`` meta-steps with tasks sampled on the device.
 
@@ -28,7 +34,7 @@ def _chunk_fn(exp, learner, presample_bytes: int = PRESAMPLE_BYTES):
     images). Both give the same tasks, bit for bit.
     """
     batch = exp.cfg.train.meta_batch_size
-    base_key = jax.random.key(exp.cfg.seed + 1)
+    base_key = _base_key(exp)
 
     def tasks_at(data, step):
         key = jax.random.fold_in(base_key, step)  # the stream depends on the step only
@@ -46,14 +52,37 @@ def _chunk_fn(exp, learner, presample_bytes: int = PRESAMPLE_BYTES):
         else:
             body = lambda state, _: learner.update(state, tasks_at(data, state.step))
             state, metrics = lax.scan(body, state, None, length=n)
-        metrics = jax.tree.map(jnp.mean, metrics)
-        # Checked here, in the compiled call, not leaf by leaf on the host after it.
-        finite = jnp.all(
-            jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state.meta_params)])
-        )
-        return state, dict(metrics, params_finite=finite)
+        return state, _summary(state, metrics)
 
     return run
+
+
+def _streamed_chunk_fn(exp, learner):
+    """One compiled call over host-streamed data (``TaskSource.stream``): ``streamed`` holds the
+    per-step data of ``n`` steps (leading axis ``n``), step ``s``'s slice handed to
+    ``sample_train(step_data, fold_in(base_key, s), batch)`` in place of ``train_data``."""
+    batch = exp.cfg.train.meta_batch_size
+    base_key = _base_key(exp)
+
+    def body(state: MetaState, step_data):
+        key = jax.random.fold_in(base_key, state.step)
+        return learner.update(state, exp.source.sample_train(step_data, key, batch))
+
+    @jax.jit
+    def run(state: MetaState, streamed):
+        state, metrics = lax.scan(body, state, streamed)
+        return state, _summary(state, metrics)
+
+    return run
+
+
+def _summary(state: MetaState, metrics) -> dict:
+    metrics = jax.tree.map(jnp.mean, metrics)
+    # Checked here, in the compiled call, not leaf by leaf on the host after it.
+    finite = jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state.meta_params)])
+    )
+    return dict(metrics, params_finite=finite)
 
 
 class MemoryEstimateError(RuntimeError):
@@ -91,32 +120,60 @@ def memory_estimate(compiled) -> int | None:
 class ChunkRunner:
     """Runs ``n`` meta-steps in one compiled call, compiling each chunk length once, ahead of
     time, so that speed and compile time are measured apart. With ``memory_check`` a chunk whose
-    memory estimate exceeds what the device has is refused before it runs."""
+    memory estimate exceeds what the device has is refused before it runs.
+
+    With ``exp.source.stream`` set (host streaming), each call first takes the chunk's per-step
+    data from ``stream.chunk(base_key, state.step, n)`` (prefetched while the previous chunk
+    ran) and ``data`` is unused; the memory check then also counts the chunks the stream holds
+    ahead (``stream.prefetch``)."""
 
     def __init__(self, exp, learner, data, *, memory_check: bool = True):
-        self._jit, self._data, self._compiled = _chunk_fn(exp, learner), data, {}
+        self._stream = getattr(exp.source, "stream", None)
+        if self._stream is None:
+            self._jit = _chunk_fn(exp, learner)
+        else:
+            self._jit, self._base_key = _streamed_chunk_fn(exp, learner), _base_key(exp)
+        self._data, self._compiled = data, {}
         self.compile_seconds, self.memory_check = 0.0, memory_check
 
     def __call__(self, state: MetaState, n: int):
-        marker = jnp.zeros((n, 0))
+        if self._stream is not None:
+            args = (self._stream.chunk(self._base_key, int(state.step), n),)
+        else:
+            args = (self._data, jnp.zeros((n, 0)))
         if n not in self._compiled:
             tic = time.perf_counter()
-            compiled = self._jit.lower(state, self._data, marker).compile()
+            compiled = self._jit.lower(state, *args).compile()
             self.compile_seconds += time.perf_counter() - tic
             if self.memory_check:
-                _check_memory(compiled)
+                ahead = 0
+                if self._stream is not None:  # chunks prefetched on the device meanwhile
+                    ahead = getattr(self._stream, "prefetch", 0) * _nbytes(args[0])
+                _check_memory(compiled, ahead)
             self._compiled[n] = compiled
-        return self._compiled[n](state, self._data, marker)
+        return self._compiled[n](state, *args)
 
 
-def _check_memory(compiled) -> None:
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _check_memory(compiled, extra_bytes: int = 0) -> None:
     need, have = memory_estimate(compiled), available_memory()
+    if need is not None:
+        need += extra_bytes
     if need is not None and have is not None and need > have:
+        streamed = (
+            f" (with {extra_bytes / 2**30:.1f} GiB of streamed chunks prefetched: lower "
+            "train.chunk_steps or task.prefetch)"
+            if extra_bytes
+            else ""
+        )
         raise MemoryEstimateError(
-            f"the compiled meta-step needs about {need / 2**30:.1f} GiB (XLA's estimate) and "
-            f"{have / 2**30:.1f} GiB are available: lower train.meta_batch_size, task.shots or "
-            "task.query, use train.task_batching=map, or pass train.memory_check=false if you "
-            "know better"
+            f"the compiled meta-step needs about {need / 2**30:.1f} GiB (XLA's estimate)"
+            f"{streamed} and {have / 2**30:.1f} GiB are available: lower "
+            "train.meta_batch_size, task.shots or task.query, use train.task_batching=map, or "
+            "pass train.memory_check=false if you know better"
         )
 
 
