@@ -354,7 +354,8 @@ def _check_split(
         raise ImageSetClassError(
             f"{where} holds {len(names)} classes, the tiered-ImageNet {split} split "
             f"{len(wanted)} (its class names are words, not wnids, so the count is checked): a "
-            "partial copy is read only with your own lists, expected=dict(classes=...)"
+            "partial copy is read only with your own lists, expected=dict(classes=...) "
+            "(task.classes.train=... on the command line)"
         )
     categories = len(set(shipped_categories(split).values()))
     if general is not None and len(np.unique(general)) != categories:
