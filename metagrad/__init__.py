@@ -2,7 +2,9 @@
 
 The public API, re-exported from the modules that define it (``tests/test_public_api.py`` pins
 this list). ``import metagrad`` loads JAX and optax only: Flax comes with ``metagrad.nn``, the
-application (orbax, matplotlib) with ``metagrad.experiment``.
+application (orbax, matplotlib) with ``metagrad.experiment``. ``metagrad.implicit`` is the
+implicit-differentiation module; its estimator is ``metagrad.estimators.implicit`` (a top-level
+function of that name would hide the module from ``import metagrad.implicit as ...``).
 """
 
 from metagrad import quant
@@ -35,6 +37,7 @@ from metagrad.estimators import (
     metasgd,
     reptile,
 )
+from metagrad.implicit import implicit_diff, implicit_vjp
 from metagrad.inner import adapt, check_inner_optimizer, mask_by_path, sgd_step
 from metagrad.outer import (
     MetaLearner,
@@ -71,6 +74,8 @@ __all__ = [
     "hutchinson_trace",
     "hvp",
     "imaml",
+    "implicit_diff",
+    "implicit_vjp",
     "learned_rates",
     "make_estimator",
     "maml",

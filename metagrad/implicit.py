@@ -329,4 +329,4 @@ def _zero_cotangent(tree: Any) -> PyTree:
     return jax.tree.map(zero, tree)
 
 
-__all__ = ["SOLVES", "implicit_diff", "implicit_vjp", "solve_linear"]
+__all__ = ["implicit_diff", "implicit_vjp", "solve_linear"]

@@ -29,6 +29,7 @@ ROOTS = (
     "metagrad.estimators",
     "metagrad.outer",
     "metagrad.checks",
+    "metagrad.implicit",
     "metagrad.nn",
     "metagrad.tasks",
     "metagrad.tasks.sinusoid",  # no longer imported by metagrad.tasks

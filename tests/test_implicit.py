@@ -12,7 +12,8 @@ import pytest
 from conftest import SUBPROCESS_ENV
 
 import metagrad as mg
-from metagrad.implicit import SOLVES, implicit_diff, implicit_vjp, solve_linear
+from metagrad.estimators import implicit as implicit_estimator
+from metagrad.implicit import SOLVES, _rel_norm, implicit_diff, implicit_vjp, solve_linear
 
 # --- ridge regression with per-feature L2 and an unregularised bias ----------------------------
 
@@ -46,7 +47,7 @@ def gradient_descent(init, theta, data):
 
     def cond(c):
         x, i = c
-        return (i < 5000) & (mg.implicit._rel_norm(optimality(x, theta, data), 1.0) > 1e-13)
+        return (i < 5000) & (_rel_norm(optimality(x, theta, data), 1.0) > 1e-13)
 
     def body(c):
         x, i = c
@@ -258,3 +259,178 @@ def test_shard_map_over_four_host_devices_equals_a_loop():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "OK 4"
+
+
+# --- iMAML on implicit_diff against the original iMAML code -------------------------------------
+
+
+def _mlp_apply(p, x):
+    return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+_mse = lambda z, y: jnp.mean((z - y) ** 2)
+_mlp_loss = lambda p, batch: _mse(_mlp_apply(p, batch[0]), batch[1])
+
+
+def _mlp_setup():
+    ks = jax.random.split(jax.random.key(7), 6)
+    params = {
+        "w1": jax.random.normal(ks[0], (2, 5)),
+        "b1": jnp.zeros(5),
+        "w2": jax.random.normal(ks[1], (5, 1)) / 2,
+        "b2": jnp.zeros(1),
+    }
+    task = mg.Task(
+        (jax.random.normal(ks[2], (6, 2)), jax.random.normal(ks[3], (6, 1))),
+        (jax.random.normal(ks[4], (6, 2)), jax.random.normal(ks[5], (6, 1))),
+    )
+    return params, task
+
+
+def _original_imaml(loss_fn, theta, task, *, steps, lr, reg, cg_iters, cg_tol, damping, gn):
+    """metagrad's iMAML before it was rebuilt on implicit_diff (commit 08dd2a6), verbatim in
+    its math: CG on (I + (H + damping I) / reg) g = grad L(phi; Q)."""
+    prox = mg.inner.proximal(loss_fn, theta, reg)
+    adapted = jax.lax.stop_gradient(mg.adapt(prox, theta, task.support, steps=steps, lr=lr))
+    g_query = jax.grad(loss_fn)(adapted, task.query)
+
+    def matvec(v):
+        if gn:
+            x, y = task.support
+            hv = mg.gnvp(lambda p: _mlp_apply(p, x), lambda z: _mse(z, y), adapted, v)
+        else:
+            hv = jax.jvp(jax.grad(lambda p: loss_fn(p, task.support)), (adapted,), (v,))[1]
+        return jax.tree.map(lambda vi, hvi: vi + (hvi + damping * vi) / reg, v, hv)
+
+    g, _ = jax.scipy.sparse.linalg.cg(matvec, g_query, tol=cg_tol, maxiter=cg_iters)
+    residual = jax.tree.map(jnp.subtract, matvec(g), g_query)
+    return g, _rel_norm(residual, g_query)
+
+
+IMAML_CASES = {
+    "hessian": dict(steps=5, lr=0.1, reg=2.0, cg_iters=6, cg_tol=1e-12, damping=0.1, gn=False),
+    "gauss_newton": dict(steps=4, lr=0.1, reg=1.5, cg_iters=30, cg_tol=1e-14, damping=0.0, gn=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMAML_CASES))
+@pytest.mark.slow  # several seconds: second-order programs to compile
+def test_imaml_equals_original_imaml(case, x64):
+    kw = IMAML_CASES[case]
+    params, task = _mlp_setup()
+    want, want_res = _original_imaml(_mlp_loss, params, task, **kw)
+    gn = kw["gn"]
+    est = mg.imaml(
+        steps=kw["steps"], lr=kw["lr"], reg=kw["reg"], cg_iters=kw["cg_iters"],
+        cg_tol=kw["cg_tol"], damping=kw["damping"],
+        curvature="gauss_newton" if gn else "hessian",
+        predict_fn=_mlp_apply if gn else None, output_loss=_mse if gn else None,
+    )  # fmt: skip
+    (_, metrics), g = est.value_and_grad(_mlp_loss, mg.MetaParams(params), task, 0)
+    for a, b in zip(jax.tree.leaves(g.params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(metrics["cg_residual"], want_res, rtol=1e-6, atol=1e-14)
+    if case == "hessian":  # six CG steps: not converged, so the residual is a real number
+        assert float(want_res) > 1e-6
+
+
+@pytest.mark.slow  # several seconds: second-order programs to compile
+def test_proximal_imaml_through_implicit_diff_equals_original_imaml(x64):
+    # The proximal problem as a user writes it with the decorator: jax.grad of the query loss
+    # through the decorated inner solver is iMAML's meta-gradient.
+    kw = dict(IMAML_CASES["hessian"], cg_iters=50)
+    params, task = _mlp_setup()
+    reg, steps, lr = kw["reg"], kw["steps"], kw["lr"]
+    optimality = lambda phi, theta: jax.grad(mg.inner.proximal(_mlp_loss, theta, reg))(
+        phi, task.support
+    )
+
+    @implicit_diff(optimality, solve="cg", tol=1e-14, maxiter=50, ridge=kw["damping"])
+    def inner_solver(init, theta):
+        prox = mg.inner.proximal(_mlp_loss, theta, reg)
+        return mg.adapt(prox, init, task.support, steps=steps, lr=lr)
+
+    got = jax.grad(lambda th: _mlp_loss(inner_solver(th, th), task.query))(params)
+    # The original's system I + (H + damping I) / reg is (dF/dphi + damping I) / reg, with
+    # dF/dphi = H + reg I: the decorator's ridge is the damping.
+    want, _ = _original_imaml(_mlp_loss, params, task, **dict(kw, cg_tol=1e-14))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+# --- the implicit estimator ----------------------------------------------------------------------
+
+
+def _lstsq(w, batch):
+    X, y = batch
+    return jnp.mean((X @ w - y) ** 2)
+
+
+def _linear_task(key, n=8, d=3):
+    ks = jax.random.split(key, 4)
+    Xs, Xq = jax.random.normal(ks[0], (n, d)), jax.random.normal(ks[1], (n, d))
+    w = jax.random.normal(ks[2], (d,))
+    return mg.Task((Xs, Xs @ w + 0.1 * jax.random.normal(ks[3], (n,))), (Xq, Xq @ w))
+
+
+def _proximal_closed_form(task, theta, reg):
+    (Xs, ys), (Xq, yq) = task.support, task.query
+    A_s, b_s = 2 / len(Xs) * Xs.T @ Xs, 2 / len(Xs) * Xs.T @ ys
+    phi = jnp.linalg.solve(A_s + reg * jnp.eye(len(theta)), b_s + reg * theta)
+    g_q = 2 / len(Xq) * Xq.T @ (Xq @ phi - yq)
+    return phi, jnp.linalg.solve(jnp.eye(len(theta)) + A_s / reg, g_q)
+
+
+@pytest.mark.parametrize("solve", ["cg", "gmres", "dense"])
+def test_implicit_estimator_with_an_inner_loop_equals_closed_form(solve, key, x64):
+    task, theta, reg = _linear_task(key), jnp.array([0.3, -0.2, 0.5]), 2.0
+    phi, expected = _proximal_closed_form(task, theta, reg)
+    est = implicit_estimator(
+        inner_solver=mg.InnerLoop(steps=300, lr=0.1), reg=reg, solve=solve, tol=1e-13
+    )
+    (loss, metrics), g = jax.jit(est.value_and_grad, static_argnums=0)(
+        _lstsq, mg.MetaParams(theta), task, 0
+    )
+    np.testing.assert_allclose(g.params, expected, rtol=1e-8)
+    np.testing.assert_allclose(loss, _lstsq(phi, task.query), rtol=1e-10)
+    assert metrics["solve_residual"] < 1e-10 and metrics["optimality_residual"] < 1e-10
+    np.testing.assert_allclose(
+        est.adapt(_lstsq, mg.MetaParams(theta), task.support), phi, rtol=1e-8
+    )
+
+
+@pytest.mark.slow  # several seconds: second-order programs to compile
+def test_implicit_estimator_with_a_custom_solver_learns_l2_on_validation(key, x64):
+    # Hyperparameter optimisation as a meta-gradient: theta is the per-feature L2 strength, the
+    # support set trains the ridge regression, the query set validates. Oracle: the closed form.
+    train, val = ridge_data(key)
+    lam = jnp.array([0.05, 0.2, 1.0, 0.5])
+    init = {"w": jnp.zeros(4), "b": jnp.zeros(())}
+    solver = lambda loss_fn, theta, support: gradient_descent(init, {"l2": theta}, support)
+    F = lambda loss_fn, phi, theta, support: optimality(phi, {"l2": theta}, support)
+    est = implicit_estimator(inner_solver=solver, optimality=F, tol=1e-14, maxiter=50)
+    (_, metrics), g = est.value_and_grad(val_loss, mg.MetaParams(lam), mg.Task(train, val), 0)
+    np.testing.assert_allclose(g.params, closed_form_hypergrad(lam, train, val), rtol=1e-8)
+    assert metrics["optimality_residual"] < 1e-10
+    with pytest.raises(ValueError, match="runs as it is"):
+        est.adapt(val_loss, mg.MetaParams(lam), train, steps=3)
+
+
+@pytest.mark.slow  # several seconds: second-order programs to compile
+def test_implicit_estimator_matches_finite_differences_when_converged(key, x64):
+    params, task = _mlp_setup()
+    est = implicit_estimator(
+        inner_solver=mg.InnerLoop(steps=300, lr=0.2), reg=3.0, tol=1e-12, maxiter=40
+    )
+    assert mg.check_meta_grad(est, _mlp_loss, mg.MetaParams(params), task) < 1e-5
+
+
+def test_implicit_estimator_refuses_bad_settings():
+    with pytest.raises(ValueError, match="pass optimality"):
+        implicit_estimator(inner_solver=mg.InnerLoop(steps=1, lr=0.1))
+    with pytest.raises(ValueError, match="does not meta-learn inner rates"):
+        implicit_estimator(inner_solver=mg.InnerLoop(steps=1), reg=1.0)
+    with pytest.raises(TypeError, match="inner_solver must be"):
+        implicit_estimator(inner_solver=3, reg=1.0)
+    with pytest.raises(ValueError, match="solve must be one of"):
+        implicit_estimator(inner_solver=mg.InnerLoop(steps=1, lr=0.1), reg=1.0, solve="qr")

@@ -40,6 +40,9 @@ EXPECTED = {
     "meta_loss",
     "metasgd",
     "reptile",
+    # implicit differentiation
+    "implicit_diff",
+    "implicit_vjp",
     # outer loop
     "MetaLearner",
     "MetaState",
@@ -67,6 +70,13 @@ PINNED = {
 def test_public_names_are_pinned():
     assert sorted(metagrad.__all__) == sorted(EXPECTED)
     assert len(metagrad.__all__) == len(set(metagrad.__all__))  # no name listed twice
+
+
+def test_implicit_module_is_not_shadowed():
+    import metagrad.implicit as implicit_module
+
+    assert implicit_module.implicit_diff is metagrad.implicit_diff
+    assert metagrad.estimators.implicit.__module__ == "metagrad.estimators.implicit"
 
 
 def test_design_pinned_names_are_exported():

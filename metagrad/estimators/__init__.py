@@ -14,6 +14,7 @@ from metagrad.estimators.base import (
     learned_rates,
 )
 from metagrad.estimators.imaml import imaml
+from metagrad.estimators.implicit import implicit, proximal_optimality
 from metagrad.estimators.maml import anil, fomaml, head_only, maml, meta_loss, metasgd
 from metagrad.estimators.mamlpp import mamlpp, msl_weights
 from metagrad.estimators.reptile import reptile
@@ -54,6 +55,7 @@ __all__ = [
     "fomaml",
     "head_only",
     "imaml",
+    "implicit",
     "learned_rates",
     "make_estimator",
     "maml",
@@ -61,5 +63,6 @@ __all__ = [
     "meta_loss",
     "metasgd",
     "msl_weights",
+    "proximal_optimality",
     "reptile",
 ]
