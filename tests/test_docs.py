@@ -40,7 +40,11 @@ ROOTS = (
     "metagrad.tasks.miniimagenet_io",
     "metagrad.tasks.folder",
     "metagrad.tasks.cub",
+    "metagrad.tasks.fewshot",
+    "metagrad.tasks.streaming",
+    "metagrad.tasks.augment",
     "metagrad.experiment",
+    "metagrad.experiment.image_source",
 )
 
 # Plain constants: an int, a tuple or a dict has no docstring of its own (``__doc__`` is its

@@ -23,7 +23,7 @@ from metagrad.tasks import fewshot
 from metagrad.tasks.augment import AugmentOptions, augment_task
 from metagrad.tasks.streaming import HostTaskStream
 
-__all__ = ["DEVICE_FRACTION", "SAMPLING", "image_task_source", "resolve_sampling"]
+__all__ = ["image_task_source", "resolve_sampling"]
 
 SAMPLING = ("auto", "device", "host")
 # The default device budget of the meta-train split under sampling="auto": this fraction of what
