@@ -1,5 +1,7 @@
-"""Omniglot 5-way 1-shot MAML (``conf/experiment/maml_omniglot_5w1s.yaml``) end to end on one
-GPU: the preset is composed by Hydra's compose API (`experiments._hydra.compose_config`, as the
+"""A preset end to end on one GPU, Omniglot 5-way 1-shot MAML
+(``conf/experiment/maml_omniglot_5w1s.yaml``) by default, any preset with ``--preset`` (the
+image benchmarks' too, with their data folder: ``--preset maml_miniimagenet_5w1s --data-dir
+/path/to/miniimagenet``): the preset is composed by Hydra's compose API (`experiments._hydra.compose_config`, as the
 CLI would), trained by `metagrad.experiment.train`, and summarised on stdout and in one JSON file.
 
 With ``--time-budget-s`` a throwaway calibration run first trains two chunks
@@ -14,6 +16,8 @@ arrays, and compile it again.) Run from the checkout's root (installed or not):
     python -m experiments.gpu.omniglot --data-dir /path/to/omniglot --out omniglot.json
     python -m experiments.gpu.omniglot --data-dir D --time-budget-s 200 --out omniglot.json \\
         --set train.meta_batch_size=16          # any Config key, as on the Hydra command line
+    python -m experiments.gpu.omniglot --preset maml_miniimagenet_5w1s \\
+        --data-dir /path/to/miniimagenet --out mini.json   # pickles, csv + images/, or folders
 
 On the device machine (the `run` tool), after ``bash experiments/gpu/prepare.sh`` here has put
 the Omniglot zips, the preprocessed cache, the PyTorch peers and wheels of Hydra (which that
@@ -52,9 +56,13 @@ def steps_within(budget_s: float, steps_per_s: float, *, chunk: int, cap: int) -
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="maml_omniglot_5w1s", help="a conf/experiment/ name")
-    p.add_argument("--data-dir", default=None, help="folder holding the two Omniglot zips")
     p.add_argument(
-        "--cache-dir", default=None, help="folder holding omniglot/omniglot28_*.npz (optional)"
+        "--data-dir",
+        default=None,
+        help="the preset's data folder (the two Omniglot zips, the mini-ImageNet files, ...)",
+    )
+    p.add_argument(
+        "--cache-dir", default=None, help="metagrad's preprocessed cache folder (optional)"
     )
     p.add_argument("--steps", type=int, default=None, help="meta-steps (default: the preset's)")
     p.add_argument(
@@ -139,6 +147,7 @@ def main(argv=None) -> dict:
         test_inner_steps=results.get("eval_inner_steps"),
         checkpoint=results.get("checkpoint"),
         checkpoint_step=results.get("checkpoint_step"),
+        data=json.loads((run_dir / "run_info.json").read_text()).get("data"),
     )
     kind = "acc" if "eval_acc_post" in results else "loss"  # classification or regression
     post, ci, pre = (results[f"eval_{kind}_{x}"] for x in ("post", "post_ci95", "pre"))

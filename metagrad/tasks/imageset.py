@@ -344,12 +344,15 @@ def check_classes(
     if missing:
         raise ImageSetClassError(
             f"{where} lacks {len(missing)} class(es) of the {split} split list, e.g. "
-            f"{missing[:5]} (it has {len(found)}; the list {len(wanted)})"
+            f"{missing[:5]} (it has {len(found)}; the list {len(wanted)}); a partial copy is "
+            f"read only with your own list: expected=dict(classes=...) (task.classes.{split}="
+            "<file> on the command line)"
         )
     if extra:
         raise ImageSetClassError(
             f"{where} holds {len(extra)} class(es) not in the {split} split list, e.g. "
-            f"{extra[:5]}: another split, or pass your own list in expected=dict(classes=...)"
+            f"{extra[:5]}: another split, or pass your own list in expected=dict(classes=...) "
+            f"(task.classes.{split}=<file> on the command line)"
         )
 
 
@@ -368,7 +371,8 @@ def check_count(cls: str, count: int, wanted: int | None, *, where: str | os.Pat
     if wanted is not None and count != wanted:
         raise ImageSetCountError(
             f"{where}: class {cls} has {count} images, expected {wanted}; a smaller copy is "
-            "read only when you say so: expected=dict(images_per_class=...)"
+            "read only when you say so: expected=dict(images_per_class=...) "
+            "(task.images_per_class=... on the command line)"
         )
 
 

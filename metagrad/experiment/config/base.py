@@ -51,6 +51,16 @@ class Sampling(StrEnum):
     host = "host"  # host streaming from the memory-mapped cache, prefetched to the device
 
 
+class TieredLayout(StrEnum):
+    png = "png"  # Ren et al.'s {split}_images_png.pkl
+    npz = "npz"  # the common re-packs
+
+
+class ChannelOrder(StrEnum):
+    bgr = "bgr"
+    rgb = "rgb"
+
+
 class ConvImpl(StrEnum):
     auto = "auto"
     lax = "lax"

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from metagrad.experiment.config.base import (
     BNPolicy,
+    ChannelOrder,
     ConvImpl,
     Curvature,
     Downsample,
@@ -18,6 +19,7 @@ from metagrad.experiment.config.base import (
     Quantizer,
     Sampling,
     Split,
+    TieredLayout,
     finite,
     is_int,
     nonneg_int,
@@ -166,6 +168,12 @@ class TieredImageNetConfig(ImageTaskConfig):
 
     NAME: ClassVar[str] = "tieredimagenet"
     name: str = "tieredimagenet"
+    layout: TieredLayout | None = None  # png (the release) | npz (a re-pack); null: what is there
+    npz_channels: ChannelOrder = ChannelOrder.bgr  # the release's decompress script writes BGR
+
+    def reader_options(self) -> dict:
+        layout = None if self.layout is None else str(self.layout)
+        return {"layout": layout, "npz_channels": str(self.npz_channels)}
 
 
 @dataclass
