@@ -2,6 +2,9 @@
 through the training chunk as well; prefetching, jumps, errors and thread shutdown; the image
 task source's choice of path and its held-out tasks."""
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from functools import partial
@@ -12,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import REPO_ROOT, SUBPROCESS_ENV
 
 from metagrad import MetaParams, maml, meta_learner
 from metagrad.experiment import chunks
@@ -226,3 +230,23 @@ def test_the_source_chooses_its_path_and_refuses_bad_settings(images):
         image_task_source(
             _data(images), **KW, meta_batch_size=BATCH, augment=dict(color_jitter=-1.0)
         )
+
+
+@pytest.mark.slow
+def test_the_streaming_benchmark_reports_the_device_wait(tmp_path):
+    out = tmp_path / "streaming.json"
+    args = ["--classes=6", "--images=17", "--image-size=28", "--chunk-steps=2", "--chunks=1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.bench.streaming", *args, f"--json={out}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=SUBPROCESS_ENV,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    host, device = result["host"], result["device"]
+    assert 0 <= host["wait_fraction"] < 1 and host["step_s"] > 0 and host["wait_s"] != []
+    assert device["device_sampling_s_per_step"] > 0 and device["wait_fraction"] == 0
+    assert "device wait" in proc.stdout

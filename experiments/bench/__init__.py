@@ -4,6 +4,8 @@
   Conv4 MAML and of the inner-step sweep, with the PyTorch peers in the same run (``--peers``).
 - `experiments.bench.devices`: the meta-step with the task axis sharded over 1, 2, 4 devices.
 - `experiments.bench.per_example`: the JAX tutorial's per-example-gradient timing ratio.
+- `experiments.bench.streaming`: host streaming's device wait per meta-step (Conv4 at 84x84,
+  a memory-mapped synthetic split) beside on-device sampling.
 
 Run each as ``python -m experiments.bench.<name> --help`` from the checkout (or anywhere, with
 metagrad installed).

@@ -24,7 +24,6 @@ import collections
 import threading
 import time
 from concurrent.futures import Future
-from functools import partial
 
 import jax
 import numpy as np
@@ -69,6 +68,12 @@ def step_indices(
     return jax.vmap(one)(steps)
 
 
+# One compilation per task shape and chunk length, shared by every stream.
+_step_indices_jit = jax.jit(
+    step_indices, static_argnames=("meta_batch_size", "ways", "shots", "query", "max_count")
+)
+
+
 class HostTaskStream:
     """Per-step task images gathered on the host and prefetched to the device.
 
@@ -85,7 +90,9 @@ class HostTaskStream:
 
     Attributes:
         wait_seconds: total time :meth:`chunk` blocked waiting for the thread (the device wait).
-        produce_seconds: total time the thread spent drawing, gathering and transferring.
+        produce_seconds: total time the thread spent drawing, gathering and transferring
+            (the first chunk of a length includes compiling its index draw).
+        produce_log: ``(first_step, n, seconds)`` of each chunk the thread made.
         chunks_served, steps_served: what :meth:`chunk` returned.
 
     Args:
@@ -137,15 +144,12 @@ class HostTaskStream:
         self.meta_batch_size, self.prefetch = meta_batch_size, prefetch
         self.device = device if device is not None else jax.local_devices()[0]
         self._cpu = jax.devices("cpu")[0]
-        self._indices = jax.jit(
-            partial(
-                step_indices,
-                meta_batch_size=meta_batch_size,
-                ways=ways,
-                shots=shots,
-                query=query,
-                max_count=max_count,
-            )
+        self._static = dict(
+            meta_batch_size=meta_batch_size,
+            ways=ways,
+            shots=shots,
+            query=query,
+            max_count=max_count,
         )
         self._counts_cpu = jax.device_put(self.counts, self._cpu)
         self._lock = threading.Lock()
@@ -154,6 +158,7 @@ class HostTaskStream:
         self._worker: threading.Thread | None = None
         self._closed = False
         self.wait_seconds = self.produce_seconds = 0.0
+        self.produce_log: list[tuple[int, int, float]] = []
         self.chunks_served = self.steps_served = 0
 
     # --- what one chunk is --------------------------------------------------------------------
@@ -163,7 +168,9 @@ class HostTaskStream:
         ``(n, meta_batch_size, ways, ...)``, drawn on the CPU backend."""
         key = jax.device_put(base_key, self._cpu)
         steps = jax.device_put(np.arange(first_step, first_step + n, dtype=np.int32), self._cpu)
-        return jax.tree.map(np.asarray, self._indices(key, steps, self._counts_cpu))
+        return jax.tree.map(
+            np.asarray, _step_indices_jit(key, steps, self._counts_cpu, **self._static)
+        )
 
     def host_chunk(self, base_key: jax.Array, first_step: int, n: int) -> np.ndarray:
         """The images of a chunk gathered on the host (numpy), nothing moved to the device."""
@@ -173,7 +180,9 @@ class HostTaskStream:
         tic = time.perf_counter()
         x = jax.device_put(self.host_chunk(base_key, first_step, n), self.device)
         x.block_until_ready()
-        self.produce_seconds += time.perf_counter() - tic
+        seconds = time.perf_counter() - tic
+        self.produce_seconds += seconds
+        self.produce_log.append((first_step, n, seconds))
         return x
 
     # --- the background thread ----------------------------------------------------------------
