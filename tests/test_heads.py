@@ -43,7 +43,9 @@ def numpy_ce(logits, y):
 # ----------------------------------------------------------------------------------- R2D2
 
 
-@pytest.mark.parametrize("d", [4, 12])  # fewer and more features than support rows
+@pytest.mark.parametrize(
+    "d", [4, pytest.param(12, marks=pytest.mark.slow)]
+)  # fewer and more features than support rows
 def test_ridge_woodbury_equals_lstsq_on_the_augmented_system(key, x64, d):
     n, k, lam = 6, 3, 0.7
     x = with_ones(jax.random.normal(key, (n, d)))
@@ -56,6 +58,7 @@ def test_ridge_woodbury_equals_lstsq_on_the_augmented_system(key, x64, d):
     np.testing.assert_allclose(w, want, atol=1e-8, rtol=0)
 
 
+@pytest.mark.slow
 def test_r2d2_loss_equals_numpy(key, x64):
     w = jax.random.normal(key, (3, 4))
     task = toy_task(jax.random.fold_in(key, 1))
@@ -76,6 +79,7 @@ def test_r2d2_loss_equals_numpy(key, x64):
     np.testing.assert_allclose(loss_fixed, loss, rtol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lam", [None, 2.0])
 def test_r2d2_meta_gradient_matches_finite_differences(key, x64, lam):
     w = jax.random.normal(key, (3, 4))
@@ -99,6 +103,7 @@ def test_r2d2_refuses_inconsistent_lambda_and_params():
 # ------------------------------------------------------------------------------------ SVM
 
 
+@pytest.mark.slow
 def test_projection_is_the_nearest_feasible_point(key, x64):
     """Against a brute-force check: feasible, and no feasible direction improves the distance
     (the projection's optimality conditions), for random rows and bounds."""

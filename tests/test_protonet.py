@@ -58,7 +58,9 @@ def numpy_ce(logits, y):
     return -logp[np.arange(len(y)), np.asarray(y)].mean()
 
 
-@pytest.mark.parametrize("distance, scale", [("euclidean", None), ("cosine", 7.0)])
+@pytest.mark.parametrize(
+    "distance, scale", [("euclidean", None), pytest.param("cosine", 7.0, marks=pytest.mark.slow)]
+)
 def test_protonet_loss_and_accuracy_equal_numpy(key, x64, distance, scale):
     params = mlp_params(key)
     task = toy_task(jax.random.fold_in(key, 1))
@@ -80,7 +82,7 @@ def test_prototypes_are_class_means_and_absent_classes_are_masked(x64):
     assert n.tolist() == [1.0, 3.0, 0.0]
 
 
-@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("distance", ["euclidean", pytest.param("cosine", marks=pytest.mark.slow)])
 def test_protonet_meta_gradient_matches_finite_differences(key, x64, distance):
     params = mlp_params(key)
     task = toy_task(jax.random.fold_in(key, 1))
@@ -88,6 +90,7 @@ def test_protonet_meta_gradient_matches_finite_differences(key, x64, distance):
     assert err < 1e-7
 
 
+@pytest.mark.slow
 def test_protomaml_zero_steps_equals_protonet(key, x64):
     params = mlp_params(key)
     task = toy_task(jax.random.fold_in(key, 1))
@@ -108,7 +111,7 @@ def test_protomaml_zero_steps_equals_protonet(key, x64):
     )
 
 
-@pytest.mark.parametrize("head_only_adapt", [False, True])
+@pytest.mark.parametrize("head_only_adapt", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_protomaml_meta_gradient_matches_finite_differences(key, x64, head_only_adapt):
     params = mlp_params(key)
     task = toy_task(jax.random.fold_in(key, 1))
@@ -147,6 +150,7 @@ def test_first_order_protomaml_is_the_composition_with_inner_gradients_stopped(k
     assert err > 1e-4
 
 
+@pytest.mark.slow
 def test_support_context_normalises_the_query_with_support_statistics(key, x64):
     """A query batch (x, y, x_support) embeds x after the support rows with stats_rows."""
 
