@@ -84,6 +84,9 @@ def test_stream_gives_the_device_tasks_bit_for_bit_with_prefetch_and_jumps(image
             steps = jnp.arange(first, first + 3, dtype=jnp.int32)
             want = _device_tasks(device_images, jax.random.key(key), steps)
             _assert_same(_streamed_tasks(x), want)
+            if first == 6:
+                stream.drop()  # frees the prefetched chunks; the next request starts afresh
+                assert not _stream_threads()
         assert stream.chunks_served == 5 and stream.steps_served == 15
         assert stream.wait_seconds >= 0 and stream.produce_seconds > 0
     assert not _stream_threads()
@@ -147,9 +150,10 @@ def _train(source, chunk_lengths=(3, 3)):
     )
     w = jax.random.normal(jax.random.key(1), (8 * 8 * 3, 3)) * 0.01
     state = learner.init(MetaParams({"w": w, "b": jnp.zeros(3)}))
-    runner = chunks.ChunkRunner(exp, learner, source.train_data)
-    for n in chunk_lengths:
-        state, metrics = runner(state, n)
+    with chunks.ChunkRunner(exp, learner, source.train_data) as runner:
+        for n in chunk_lengths:
+            state, metrics = runner(state, n)
+    assert not _stream_threads()  # the chunks prefetched past the end dropped, the thread ended
     return state, metrics
 
 

@@ -125,7 +125,8 @@ class ChunkRunner:
     With ``exp.source.stream`` set (host streaming), each call first takes the chunk's per-step
     data from ``stream.chunk(base_key, state.step, n)`` (prefetched while the previous chunk
     ran) and ``data`` is unused; the memory check then also counts the chunks the stream holds
-    ahead (``stream.prefetch``)."""
+    ahead (``stream.prefetch``). Use it in ``with`` (or call :meth:`close` after the last chunk)
+    to free the chunks prefetched past the end of training."""
 
     def __init__(self, exp, learner, data, *, memory_check: bool = True):
         self._stream = getattr(exp.source, "stream", None)
@@ -152,6 +153,19 @@ class ChunkRunner:
                 _check_memory(compiled, ahead)
             self._compiled[n] = compiled
         return self._compiled[n](state, *args)
+
+    def close(self) -> None:
+        """Frees what the stream prefetched beyond the last chunk run (device memory the
+        evaluation after training may need) and ends its thread; without a stream, nothing.
+        The stream stays usable: a later call starts it afresh."""
+        if self._stream is not None:
+            self._stream.drop()
+
+    def __enter__(self) -> ChunkRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _nbytes(tree) -> int:

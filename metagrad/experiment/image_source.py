@@ -11,17 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import partial
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metagrad.experiment.build import HELDOUT_SEEDS, TaskSource
 from metagrad.experiment.chunks import available_memory
 from metagrad.nn.losses import with_support_context
 from metagrad.tasks import fewshot
 from metagrad.tasks.augment import AugmentOptions, augment_task
 from metagrad.tasks.streaming import HostTaskStream
+
+if TYPE_CHECKING:
+    from metagrad.experiment.build import TaskSource
 
 __all__ = ["image_task_source", "resolve_sampling"]
 
@@ -135,6 +138,9 @@ def image_task_source(
         (7, 6, 6, 6, 3)
         >>> source.stream.close()
     """
+    # Here, not at the top: build.py imports this module lazily (no import cycle either way).
+    from metagrad.experiment.build import HELDOUT_SEEDS, TaskSource  # noqa: F811
+
     splits = dict(data.images)
     counts = {s: np.asarray(c, np.int32) for s, c in data.counts.items()}
     if "train" not in splits:

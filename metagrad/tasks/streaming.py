@@ -86,7 +86,8 @@ class HostTaskStream:
 
     The thread starts when there is work and ends when there is none, so no thread outlives the
     last request by more than the ``prefetch`` chunks it was asked for, even when the caller
-    stops with an exception; :meth:`close` (or ``with``) drops them and joins it at once.
+    stops with an exception; :meth:`drop` frees those at once (the end of training),
+    :meth:`close` (or ``with``) also refuses later requests.
 
     Attributes:
         wait_seconds: total time :meth:`chunk` blocked waiting for the thread (the device wait).
@@ -238,10 +239,10 @@ class HostTaskStream:
         self.chunks_served, self.steps_served = self.chunks_served + 1, self.steps_served + n
         return x
 
-    def close(self) -> None:
-        """Drops the prefetched chunks and waits for the thread to finish its current one."""
+    def drop(self) -> None:
+        """Drops the prefetched chunks (freeing their device memory) and waits for the thread to
+        finish its current one; later requests start afresh."""
         with self._lock:
-            self._closed = True
             for future in self._pending.values():
                 future.cancel()
             self._pending.clear()
@@ -250,6 +251,12 @@ class HostTaskStream:
             worker = self._worker
         if worker is not None:
             worker.join()
+
+    def close(self) -> None:
+        """:meth:`drop`, and no more requests (:meth:`chunk` then raises ``RuntimeError``)."""
+        with self._lock:
+            self._closed = True
+        self.drop()
 
     def __enter__(self) -> HostTaskStream:
         return self
