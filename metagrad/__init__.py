@@ -36,6 +36,7 @@ from metagrad.estimators import (
     meta_loss,
     metasgd,
     reptile,
+    truncated,
 )
 from metagrad.implicit import implicit_diff, implicit_vjp
 from metagrad.inner import adapt, check_inner_optimizer, mask_by_path, sgd_step
@@ -91,4 +92,5 @@ __all__ = [
     "sgd_step",
     "straight_through",
     "td_loss",
+    "truncated",
 ]

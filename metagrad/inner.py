@@ -213,13 +213,16 @@ def optax_rule(optimizer: optax.GradientTransformation, *, first_order: bool):
     return UpdateRule(optimizer.init, update, None)
 
 
-def unroll_steps(step_fn: Callable, carry, xs, *, steps: int, remat: bool, python_loop: bool):
+def unroll_steps(
+    step_fn: Callable, carry, xs, *, steps: int, remat: bool, python_loop: bool, start: int = 0
+):
     """``steps`` applications of ``step_fn(carry, (i, x_i)) -> (carry, out)``: a ``lax.scan`` (or
-    a Python loop), each step under ``jax.checkpoint`` with ``remat``. Returns ``(carry, outs)``
-    with the outputs stacked on a leading axis (None for zero steps)."""
+    a Python loop), each step under ``jax.checkpoint`` with ``remat``, the step index ``i``
+    counted from ``start``. Returns ``(carry, outs)`` with the outputs stacked on a leading axis
+    (None for zero steps)."""
     if remat:
         step_fn = jax.checkpoint(step_fn)
-    ids = jnp.arange(steps, dtype=jnp.int32)
+    ids = jnp.arange(start, start + steps, dtype=jnp.int32)
     if python_loop or steps == 0:
         outs = []
         for i in range(steps):
@@ -244,6 +247,7 @@ def adapt(
     unroll: bool = False,
     return_trajectory: bool = False,
     step_arg: bool = False,
+    truncate: int | None = None,
 ):
     r"""The inner loop: ``steps`` differentiable gradient steps on ``loss_fn(params, batch)``.
 
@@ -282,6 +286,16 @@ def adapt(
         return_trajectory: also return the parameters after each step, stacked on a leading
             axis of length ``steps`` (:math:`\phi_1, \dots, \phi_{steps}`).
         step_arg: pass the step index (an int32 scalar) as ``loss_fn``'s third argument.
+        truncate: backpropagate through the last ``truncate`` steps only (truncated
+            backpropagation). The first :math:`n = \text{steps} - \text{truncate}` steps run as
+            usual, then their result is cut from the tape and reattached to :math:`\theta`
+            with an identity Jacobian, :math:`\tilde\phi_n = (\theta - \bar\theta) +
+            \bar\phi_n` (:math:`\bar x` = ``stop_gradient(x)``; the value is
+            :math:`\phi_n` exactly): so :math:`\partial\phi/\partial\theta =
+            \prod_{i \ge n} (I - \alpha_i H_i)` and the first steps count as first order;
+            their rates and any optimizer state get no gradient. ``None`` (or
+            ``truncate >= steps``) is full backpropagation; ``0`` gives first-order MAML's
+            gradient with respect to :math:`\theta` (but none to learned rates).
 
     Returns:
         The adapted parameters, or ``(adapted, trajectory)`` with ``return_trajectory=True``.
@@ -295,6 +309,8 @@ def adapt(
         -1.5
     """
     _validate_steps(steps)
+    if truncate is not None:
+        _validate_truncate(truncate)
     mask_leaves = _check_mask(params, mask)
     if optimizer is None:
         rule = sgd_rule(lr, params, mask_leaves, steps, per_step)
@@ -320,9 +336,15 @@ def adapt(
         return (leaves, state), leaves
 
     carry0 = (leaves0, rule.init(leaves0))
-    (leaves, _), stacked = unroll_steps(
-        step_fn, carry0, rule.xs, steps=steps, remat=remat, python_loop=unroll
-    )
+    if truncate is None or truncate >= steps:
+        (leaves, _), stacked = unroll_steps(
+            step_fn, carry0, rule.xs, steps=steps, remat=remat, python_loop=unroll
+        )
+    else:
+        (leaves, _), stacked = _truncated_unroll(
+            step_fn, carry0, rule.xs, leaves0, steps=steps, truncate=truncate, remat=remat,
+            python_loop=unroll,
+        )  # fmt: skip
     adapted = combine(leaves)
     if not return_trajectory:
         return adapted
@@ -335,6 +357,38 @@ def adapt(
         for p, m in zip(jax.tree.leaves(params), mask_leaves, strict=True)
     ]
     return adapted, jax.tree.unflatten(jax.tree.structure(params), traj)
+
+
+def _validate_truncate(truncate) -> None:
+    if isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 0:
+        raise ValueError(f"truncate must be None or a non-negative int, got {truncate!r}")
+
+
+def _truncated_unroll(step_fn, carry0, xs, leaves0, *, steps, truncate, remat, python_loop):
+    """The first ``steps - truncate`` steps off the tape (reattached to the initial leaves with an
+    identity Jacobian), then the last ``truncate`` steps differentiable."""
+    cut = steps - truncate
+    head_xs = jax.tree.map(lambda a: a[:cut], xs)
+    tail_xs = jax.tree.map(lambda a: a[cut:], xs)
+    # The head runs on stopped inputs: nothing of it is kept for the backward pass.
+    (leaves, state), head = unroll_steps(
+        step_fn, lax.stop_gradient(carry0), lax.stop_gradient(head_xs), steps=cut, remat=remat,
+        python_loop=python_loop,
+    )  # fmt: skip
+    # (theta - sg(theta)) + sg(phi): exactly phi in value, d/dtheta = I (the tutorial's
+    # straight-through form, whose derivatives are consistent at every order).
+    leaves = [
+        (p0 - lax.stop_gradient(p0)) + lax.stop_gradient(p)
+        for p0, p in zip(leaves0, leaves, strict=True)
+    ]
+    carry = (leaves, lax.stop_gradient(state))
+    carry, tail = unroll_steps(
+        step_fn, carry, tail_xs, steps=truncate, remat=remat, python_loop=python_loop, start=cut
+    )
+    if tail is None:
+        return carry, lax.stop_gradient(head)
+    stacked = jax.tree.map(lambda h, t: jnp.concatenate([lax.stop_gradient(h), t]), head, tail)
+    return carry, stacked
 
 
 @functools.cache

@@ -40,6 +40,7 @@ EXPECTED = {
     "meta_loss",
     "metasgd",
     "reptile",
+    "truncated",
     # implicit differentiation
     "implicit_diff",
     "implicit_vjp",

@@ -15,7 +15,15 @@ from metagrad.estimators.base import (
 )
 from metagrad.estimators.imaml import imaml
 from metagrad.estimators.implicit import implicit, proximal_optimality
-from metagrad.estimators.maml import anil, fomaml, head_only, maml, meta_loss, metasgd
+from metagrad.estimators.maml import (
+    anil,
+    fomaml,
+    head_only,
+    maml,
+    meta_loss,
+    metasgd,
+    truncated,
+)
 from metagrad.estimators.mamlpp import mamlpp, msl_weights
 from metagrad.estimators.reptile import reptile
 
@@ -65,4 +73,5 @@ __all__ = [
     "msl_weights",
     "proximal_optimality",
     "reptile",
+    "truncated",
 ]

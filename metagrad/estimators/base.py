@@ -13,7 +13,7 @@ import numpy as np
 from jax import lax
 
 from metagrad._types import LossFn, MetaParams, MetricsFn, PyTree, Task
-from metagrad.inner import _validate_steps, adapt, proximal, with_step
+from metagrad.inner import _validate_steps, _validate_truncate, adapt, proximal, with_step
 
 
 class MetaGradEstimator(NamedTuple):
@@ -93,6 +93,8 @@ class InnerLoop:
     ``lr=None`` without an ``optimizer`` means the rates are meta-learned and read from
     ``MetaParams.lr``; otherwise ``MetaParams.lr`` must be None (a conflict is an error, never a
     silent choice). ``prox_reg`` adds iMAML's proximal term around the initial parameters.
+    ``truncate`` backpropagates through the last ``truncate`` steps only (see
+    :func:`metagrad.adapt`).
     """
 
     steps: int
@@ -104,9 +106,17 @@ class InnerLoop:
     unroll: bool = False
     step_arg: bool = False
     prox_reg: float | None = None
+    truncate: int | None = None
 
     def __post_init__(self):
         _validate_steps(self.steps)
+        if self.truncate is not None:
+            _validate_truncate(self.truncate)
+            if self.truncate > self.steps:
+                raise ValueError(
+                    f"truncate={self.truncate} exceeds steps={self.steps}: backpropagation "
+                    "through the last truncate steps needs truncate <= steps"
+                )
         if self.optimizer is not None and self.lr is not None:
             raise ValueError(
                 "pass either lr (SGD) or optimizer, not both: the optax optimizer "
@@ -176,6 +186,7 @@ class InnerLoop:
             unroll=self.unroll,
             step_arg=self.step_arg,
             return_trajectory=return_trajectory,
+            truncate=self.truncate,
         )
 
 

@@ -117,6 +117,37 @@ def fomaml(**kwargs) -> MetaGradEstimator:
     return maml(first_order=True, **kwargs)
 
 
+def truncated(k: int, *, steps: int, **kwargs) -> MetaGradEstimator:
+    r"""Truncated backpropagation: :func:`maml` differentiated through its last ``k`` inner steps.
+
+    .. math:: g = \Big(\prod_{i = n}^{\text{steps} - 1} (I - \alpha H_i)\Big)^{\!\top}
+              \nabla_\phi L(\phi; Q), \qquad n = \text{steps} - k
+
+    The first :math:`n` steps run off the tape and count as first order (identity Jacobian; see
+    :func:`metagrad.adapt`'s ``truncate``), so memory grows with ``k``, not ``steps``.
+    ``truncated(steps)`` is :func:`maml` exactly; ``truncated(0)`` gives first-order MAML's
+    gradient with respect to :math:`\theta` (learned rates get none). Keywords are
+    :func:`maml`'s.
+
+    Example:
+        Two steps with :math:`\alpha = 0.1` on :math:`L(p) = (p - 2)^2` (:math:`H = 2`) from
+        :math:`p = 0` reach :math:`\phi = 0.72`; truncated to the last step,
+        :math:`g = (1 - 0.2) \cdot 2 (0.72 - 2) = -2.048` (MAML: :math:`0.8^2 \cdot (-2.56)`):
+
+        >>> from metagrad import MetaParams, Task
+        >>> loss_fn = lambda p, b: jnp.mean((p * b[0] - b[1]) ** 2)
+        >>> task = Task((jnp.ones(3), 2 * jnp.ones(3)), (jnp.ones(3), 2 * jnp.ones(3)))
+        >>> _, g = truncated(1, steps=2, lr=0.1).value_and_grad(loss_fn, MetaParams(0.0), task, 0)
+        >>> round(float(g.params), 4)
+        -2.048
+    """
+    for key in ("truncate", "first_order"):
+        if kwargs.get(key) not in (None, False):
+            raise ValueError(f"truncated: {key}= is set by truncated itself")
+        kwargs.pop(key, None)
+    return maml(steps=steps, truncate=k, name=kwargs.pop("name", "truncated"), **kwargs)
+
+
 def metasgd(*, steps: int, **kwargs) -> MetaGradEstimator:
     r"""Meta-SGD (Li et al. 2017): MAML whose inner rates :math:`\alpha` are meta-parameters.
 
