@@ -27,6 +27,9 @@ ROOTS = (
     "metagrad.stop_gradient",
     "metagrad.inner",
     "metagrad.estimators",
+    "metagrad.estimators.protonet",  # their helpers (prototypes, ridge_solve, probe...) too
+    "metagrad.estimators.heads",
+    "metagrad.estimators.finetune",
     "metagrad.outer",
     "metagrad.checks",
     "metagrad.implicit",

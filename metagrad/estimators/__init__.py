@@ -13,6 +13,7 @@ from metagrad.estimators.base import (
     check_meta_params,
     learned_rates,
 )
+from metagrad.estimators.heads import r2d2, r2d2_head, svm, svm_head
 from metagrad.estimators.imaml import imaml
 from metagrad.estimators.implicit import implicit, proximal_optimality
 from metagrad.estimators.maml import (
@@ -25,6 +26,7 @@ from metagrad.estimators.maml import (
     truncated,
 )
 from metagrad.estimators.mamlpp import mamlpp, msl_weights
+from metagrad.estimators.protonet import evaluate_tasks, protomaml, protonet
 from metagrad.estimators.reptile import reptile
 
 ESTIMATORS = {
@@ -60,6 +62,7 @@ __all__ = [
     "MetaGradEstimator",
     "anil",
     "check_meta_params",
+    "evaluate_tasks",
     "fomaml",
     "head_only",
     "imaml",
@@ -71,7 +74,13 @@ __all__ = [
     "meta_loss",
     "metasgd",
     "msl_weights",
+    "protomaml",
+    "protonet",
     "proximal_optimality",
+    "r2d2",
+    "r2d2_head",
     "reptile",
+    "svm",
+    "svm_head",
     "truncated",
 ]

@@ -61,7 +61,12 @@ def ridge_solve(x: jax.Array, y: jax.Array, lam) -> jax.Array:
 
 
 def with_ones(z: jax.Array) -> jax.Array:
-    """``[z, 1]``: a column of ones for the bias (regularised with the weights, as R2D2)."""
+    """``[z, 1]``: a column of ones for the bias (regularised with the weights, as R2D2).
+
+    Example:
+        >>> with_ones(jnp.zeros((2, 1))).tolist()
+        [[0.0, 1.0], [0.0, 1.0]]
+    """
     return jnp.concatenate([z, jnp.ones((z.shape[0], 1), z.dtype)], axis=1)
 
 
@@ -203,6 +208,14 @@ class SVMProblem:
     with :math:`Y` the one-hot labels ``(n, K)`` and :math:`r` MetaOptNet's ``kernel_ridge``
     (they add :math:`I` to the kernel, which makes the dual strongly convex). The class weights
     are :math:`w_k = \sum_i A_{ik} x_i`, so query logits are :math:`X_Q X^\top A`.
+
+    Example:
+        >>> x, onehot = jnp.array([[1.0], [-1.0]]), jnp.eye(2)
+        >>> prob = SVMProblem(x, onehot, jnp.array([True, True]), 1.0, 0.0)
+        >>> prob.q.tolist(), float(prob.lipschitz)  # X X^T and its largest eigenvalue
+        ([[1.0, -1.0], [-1.0, 1.0]], 2.0)
+        >>> prob.step(jnp.zeros((2, 2))).tolist()  # from 0: (Y - 0) / L projected to sum 0
+        [[0.25, -0.25], [-0.25, 0.25]]
     """
 
     def __init__(self, x, onehot, present, c, kernel_ridge):

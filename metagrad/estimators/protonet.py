@@ -343,7 +343,6 @@ def evaluate_tasks(
 
 
 __all__ = [
-    "DISTANCES",
     "classification_metrics",
     "embed",
     "evaluate_tasks",
