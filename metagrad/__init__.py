@@ -35,7 +35,11 @@ from metagrad.estimators import (
     mamlpp,
     meta_loss,
     metasgd,
+    protomaml,
+    protonet,
+    r2d2,
     reptile,
+    svm,
     truncated,
 )
 from metagrad.implicit import implicit_diff, implicit_vjp
@@ -87,10 +91,14 @@ __all__ = [
     "metasgd",
     "per_example_grad_norms",
     "per_example_grads",
+    "protomaml",
+    "protonet",
     "quant",
+    "r2d2",
     "reptile",
     "sgd_step",
     "straight_through",
+    "svm",
     "td_loss",
     "truncated",
 ]

@@ -41,6 +41,11 @@ EXPECTED = {
     "metasgd",
     "reptile",
     "truncated",
+    # metric and closed-form heads (their first argument is an embedding)
+    "protomaml",
+    "protonet",
+    "r2d2",
+    "svm",
     # implicit differentiation
     "implicit_diff",
     "implicit_vjp",
