@@ -46,6 +46,10 @@ EXPECTED = {
     "protonet",
     "r2d2",
     "svm",
+    # zero-order
+    "es",
+    "es_grad",
+    "pes",
     # implicit differentiation
     "implicit_diff",
     "implicit_vjp",

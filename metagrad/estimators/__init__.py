@@ -13,6 +13,7 @@ from metagrad.estimators.base import (
     check_meta_params,
     learned_rates,
 )
+from metagrad.estimators.es import es, es_grad, pes
 from metagrad.estimators.heads import r2d2, r2d2_head, svm, svm_head
 from metagrad.estimators.imaml import imaml
 from metagrad.estimators.implicit import implicit, proximal_optimality
@@ -62,6 +63,8 @@ __all__ = [
     "MetaGradEstimator",
     "anil",
     "check_meta_params",
+    "es",
+    "es_grad",
     "evaluate_tasks",
     "fomaml",
     "head_only",
@@ -74,6 +77,7 @@ __all__ = [
     "meta_loss",
     "metasgd",
     "msl_weights",
+    "pes",
     "protomaml",
     "protonet",
     "proximal_optimality",
