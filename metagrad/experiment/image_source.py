@@ -134,7 +134,7 @@ def image_task_source(
         ...                            sampling="host")
         >>> source.stream is not None, source.train_data is None
         (True, True)
-        >>> source.heldout("val", 7, 1, 2).query[0].shape
+        >>> jax.eval_shape(lambda: source.heldout("val", 7, 1, 2)).query[0].shape
         (7, 6, 6, 6, 3)
         >>> source.stream.close()
     """

@@ -15,6 +15,7 @@ Typical use (training tasks only; held-out tasks are never augmented)::
 
 from __future__ import annotations
 
+from functools import partial  # noqa: F401 - used by the examples
 from typing import NamedTuple
 
 import jax
@@ -85,7 +86,7 @@ def random_crop(image: jax.Array, key: jax.Array, padding: int) -> jax.Array:
 
     Example:
         >>> x = jnp.ones((4, 4, 1))
-        >>> y = random_crop(x, jax.random.key(0), 2)
+        >>> y = jax.jit(random_crop, static_argnums=2)(x, jax.random.key(0), 2)
         >>> y.shape, 0.0 <= float(y.mean()) <= 1.0
         ((4, 4, 1), True)
     """
@@ -102,7 +103,9 @@ def random_flip(image: jax.Array, key: jax.Array) -> jax.Array:
 
     Example:
         >>> x = jnp.arange(3.0).reshape(1, 3, 1)
-        >>> sorted({tuple(random_flip(x, jax.random.key(k)).ravel().tolist()) for k in range(8)})
+        >>> keys = jax.random.split(jax.random.key(0), 8)
+        >>> flipped = jax.jit(jax.vmap(random_flip, in_axes=(None, 0)))(x, keys)
+        >>> sorted({tuple(f.ravel().tolist()) for f in flipped})
         [(0.0, 1.0, 2.0), (2.0, 1.0, 0.0)]
     """
     return jnp.where(jax.random.bernoulli(key), image[:, ::-1], image)
@@ -136,7 +139,7 @@ def color_jitter(image: jax.Array, key: jax.Array, strength: float) -> jax.Array
 
     Example:
         >>> x = jnp.full((2, 2, 3), 0.5)
-        >>> y = color_jitter(x, jax.random.key(0), 0.4)
+        >>> y = jax.jit(color_jitter, static_argnums=2)(x, jax.random.key(0), 0.4)
         >>> y.shape, bool(jnp.all((y >= 0) & (y <= 1))), color_jitter(x, None, 0.0) is x
         ((2, 2, 3), True, True)
     """
@@ -163,7 +166,8 @@ def augment_images(images: jax.Array, key: jax.Array, options: AugmentOptions) -
         >>> x = jnp.ones((3, 4, 4, 1))
         >>> augment_images(x, jax.random.key(0), AugmentOptions()) is x
         True
-        >>> augment_images(x, jax.random.key(0), AugmentOptions(crop_padding=1)).shape
+        >>> crop = jax.jit(partial(augment_images, options=AugmentOptions(crop_padding=1)))
+        >>> crop(x, jax.random.key(0)).shape
         (3, 4, 4, 1)
     """
     if not options.enabled:
@@ -188,7 +192,8 @@ def augment_task(task: Task, key: jax.Array, options: AugmentOptions) -> Task:
         >>> task = Task((x, y), (x, y))
         >>> augment_task(task, jax.random.key(0), AugmentOptions()) is task
         True
-        >>> augment_task(task, jax.random.key(0), AugmentOptions(flip=True)).query[0].shape
+        >>> flip = jax.jit(partial(augment_task, options=AugmentOptions(flip=True)))
+        >>> flip(task, jax.random.key(0)).query[0].shape
         (2, 4, 4, 3)
     """
     if not options.enabled:

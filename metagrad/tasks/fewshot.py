@@ -64,9 +64,9 @@ class TaskSampler(NamedTuple):
     """``sample(key) -> Task`` and ``sample_batch(key, meta_batch_size) -> Task``, both jitted.
 
     Example:
-        >>> sampler = make_sampler(np.zeros((3, 4, 2, 2, 3), np.uint8), ways=3, shots=1, query=1)
+        >>> sampler = make_sampler(np.zeros((5, 4, 4, 4, 3), np.uint8), ways=5, shots=1, query=1)
         >>> sampler.sample(jax.random.key(0)).support[1].tolist()
-        [0, 1, 2]
+        [0, 1, 2, 3, 4]
     """
 
     sample: Callable[[jax.Array], Task]
@@ -181,7 +181,8 @@ def task_indices(
         A :class:`TaskIndices`: ``classes`` ``(ways,)``, ``rows`` ``(ways, shots + query)``.
 
     Example:
-        >>> idx = task_indices(jax.random.key(0), np.array([3, 5, 4]), ways=2, shots=1, query=2)
+        >>> draw = jax.jit(partial(task_indices, ways=2, shots=1, query=2, max_count=5))
+        >>> idx = draw(jax.random.key(0), np.array([3, 5, 4]))
         >>> idx.classes.shape, idx.rows.shape
         ((2,), (2, 3))
         >>> all(len(set(r)) == 3 for r in idx.rows.tolist())  # distinct within a class
@@ -211,8 +212,10 @@ def batch_indices(
     ``jax.random.split(key, batch_size)[t]``, the convention of every sampler here.
 
     Example:
-        >>> idx = batch_indices(jax.random.key(0), np.array([4, 4, 4]), 2, ways=3, shots=1,
-        ...                     query=1, max_count=4)
+        >>> draw = jax.jit(batch_indices, static_argnums=2,
+        ...                static_argnames=("ways", "shots", "query", "max_count"))
+        >>> idx = draw(jax.random.key(0), np.array([4, 4, 4]), 2, ways=3, shots=1, query=1,
+        ...            max_count=4)
         >>> idx.classes.shape, idx.rows.shape
         ((2, 3), (2, 3, 2))
     """
@@ -289,8 +292,9 @@ def sample_task(
             class's count, a non-positive count, or ``images`` not 5-d.
 
     Example:
-        >>> images = np.zeros((6, 10, 4, 4, 3), np.uint8)  # tiny 4x4 images
-        >>> task = sample_task(images, jax.random.key(0), ways=5, shots=1, query=2)
+        >>> images = np.zeros((5, 4, 4, 4, 3), np.uint8)  # tiny 4x4 images
+        >>> sample = jax.jit(partial(sample_task, ways=5, shots=1, query=2))  # one compilation
+        >>> task = sample(images, jax.random.key(0))
         >>> task.support[0].shape, task.query[0].dtype, task.query[1].tolist()
         ((5, 4, 4, 3), dtype('float32'), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
     """

@@ -21,9 +21,11 @@ Typical use (what :class:`metagrad.experiment.chunks.ChunkRunner` does with
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 from concurrent.futures import Future
+from functools import partial  # noqa: F401 - used by the examples
 
 import jax
 import numpy as np
@@ -53,8 +55,9 @@ def step_indices(
         ``(len(steps), meta_batch_size)``.
 
     Example:
-        >>> idx = step_indices(jax.random.key(0), np.arange(3), np.array([4, 3, 4]),
-        ...                    meta_batch_size=2, ways=2, shots=1, query=1, max_count=4)
+        >>> draw = jax.jit(partial(step_indices, meta_batch_size=2, ways=2, shots=1, query=1,
+        ...                        max_count=4))
+        >>> idx = draw(jax.random.key(0), np.arange(3), np.array([4, 3, 4]))
         >>> idx.classes.shape, idx.rows.shape
         ((3, 2, 2), (3, 2, 2, 2))
     """
@@ -68,10 +71,12 @@ def step_indices(
     return jax.vmap(one)(steps)
 
 
-# One compilation per task shape and chunk length, shared by every stream.
-_step_indices_jit = jax.jit(
-    step_indices, static_argnames=("meta_batch_size", "ways", "shots", "query", "max_count")
-)
+@functools.cache
+def _jitted_step_indices():
+    """One compilation per task shape and chunk length, shared by every stream."""
+    return jax.jit(
+        step_indices, static_argnames=("meta_batch_size", "ways", "shots", "query", "max_count")
+    )
 
 
 class HostTaskStream:
@@ -108,9 +113,9 @@ class HostTaskStream:
     Example:
         >>> images = np.arange(3 * 4 * 2 * 2 * 3, dtype=np.uint8).reshape(3, 4, 2, 2, 3)
         >>> with HostTaskStream(images, ways=2, shots=1, query=1, meta_batch_size=2) as stream:
-        ...     x = stream.chunk(jax.random.key(0), 0, 5)
+        ...     x = stream.chunk(jax.random.key(0), 0, 3)
         >>> x.shape, x.dtype
-        ((5, 2, 2, 2, 2, 2, 3), dtype('uint8'))
+        ((3, 2, 2, 2, 2, 2, 3), dtype('uint8'))
     """
 
     def __init__(
@@ -170,7 +175,7 @@ class HostTaskStream:
         key = jax.device_put(base_key, self._cpu)
         steps = jax.device_put(np.arange(first_step, first_step + n, dtype=np.int32), self._cpu)
         return jax.tree.map(
-            np.asarray, _step_indices_jit(key, steps, self._counts_cpu, **self._static)
+            np.asarray, _jitted_step_indices()(key, steps, self._counts_cpu, **self._static)
         )
 
     def host_chunk(self, base_key: jax.Array, first_step: int, n: int) -> np.ndarray:
