@@ -142,3 +142,50 @@ def test_probe_returns_query_accuracy_of_the_fitted_head(key, x64):
         lambda w: probe()(embed_fn, MetaParams(w), jax.tree.map(lambda a: a[0], tasks), 0)[0]
     )(jnp.eye(4))
     np.testing.assert_array_equal(g, 0)
+
+
+@pytest.mark.slow
+def test_finetune_baseline_on_omniglot(omniglot_dir):
+    """The fine-tuning baseline end to end: a head-less Conv4 and a linear classifier over all
+    4 x 1100 training classes pre-trained on (image, global label) batches of 256, then a
+    logistic-regression probe (RFS-style unit-length features) on 5-way 1-shot test tasks:
+    ``METAGRAD_OMNIGLOT_STEPS=300 METAGRAD_OMNIGLOT_TASKS=600 pytest -s -m slow
+    tests/test_finetune.py -k omniglot``."""
+    import time
+
+    from flax import nnx
+    from test_protonet import omniglot_budget
+
+    from metagrad import nn as mnn
+    from metagrad.tasks.omniglot import make_sampler, omniglot_splits
+
+    steps, num_tasks = omniglot_budget()
+    splits = omniglot_splits(omniglot_dir)
+    images = jnp.asarray(splits["train"])
+    num_classes = 4 * images.shape[0]
+    body, apply = mnn.functional(nnx.jit(lambda: mnn.Conv4(1, None, rngs=nnx.Rngs(0)))())
+    params = {
+        "backbone": body,
+        "classifier": init_classifier(jax.random.key(1), 64, num_classes),
+    }
+    opt = optax.adam(1e-3)
+    step, state = pretrain_step(pretrain_loss(apply), opt), opt.init(params)
+    sample = jax.jit(supervised_batch, static_argnums=2, static_argnames="rotations")
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        key, sub = jax.random.split(key)
+        params, state, loss = step(params, state, sample(images, sub, 256, rotations=True))
+    secs = time.perf_counter() - start
+    tasks = make_sampler(splits["test"], ways=5, shots=1, query=15).sample_batch(
+        jax.random.key(2_000_002), num_tasks
+    )
+    out = evaluate_tasks(probe(normalize=True), apply, MetaParams(params["backbone"]), tasks)
+    acc = np.asarray(out["acc"])
+    ci = 1.96 * acc.std(ddof=1) / np.sqrt(len(acc))
+    print(
+        f"\nfine-tuning baseline Conv4, pre-trained {steps} steps x 256 images over "
+        f"{num_classes} classes ({secs:.0f} s, last loss {float(loss):.3f}); probe on Omniglot "
+        f"test 5-way 1-shot, {num_tasks} tasks: {100 * acc.mean():.2f} +- {100 * ci:.2f} %"
+    )
+    assert acc.mean() > 0.6  # chance is 0.2

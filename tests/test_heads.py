@@ -170,3 +170,27 @@ def test_svm_bad_arguments():
     mp = MetaParams({"backbone": jnp.ones((3, 2)), "head": r2d2_head()})
     with pytest.raises(ValueError, match="unknown head parameters"):
         svm().objective(embed_fn, mp, toy_task(jax.random.key(0)), 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["r2d2", "svm"])
+def test_head_learns_omniglot_5way_1shot(omniglot_dir, algo):
+    """R2D2 and MetaOptNet-SVM with a head-less Conv4 on Omniglot, as ProtoNets in
+    tests/test_protonet.py (20-way training, 5-way 1-shot test): ``METAGRAD_OMNIGLOT_STEPS=300
+    METAGRAD_OMNIGLOT_TASKS=600 pytest -s -m slow tests/test_heads.py -k omniglot``."""
+    from test_protonet import omniglot_budget, omniglot_meta_train
+
+    steps, num_tasks = omniglot_budget()
+    estimator, head = (r2d2(), r2d2_head(scale=10.0)) if algo == "r2d2" else (svm(), svm_head())
+    acc, ci, secs = omniglot_meta_train(
+        omniglot_dir,
+        estimator,
+        lambda params: MetaParams({"backbone": params, "head": head}),
+        steps=steps,
+        num_tasks=num_tasks,
+    )
+    print(
+        f"\n{algo} Conv4, 20-way 1-shot training, {steps} steps x 4 tasks ({secs:.0f} s); "
+        f"Omniglot test 5-way 1-shot, {num_tasks} tasks: {100 * acc:.2f} +- {100 * ci:.2f} %"
+    )
+    assert acc > 0.7  # chance is 0.2

@@ -32,6 +32,7 @@ from jax import lax
 from metagrad._types import MetaParams, Task
 from metagrad.estimators.base import InnerLoop, MetaGradEstimator, check_meta_params
 from metagrad.estimators.maml import head_only
+from metagrad.inner import check_inner_optimizer
 
 DISTANCES = ("euclidean", "cosine")
 DEFAULT_SCALE = {"euclidean": 1.0, "cosine": 10.0}  # cosine logits in [-1, 1] need a scale
@@ -286,6 +287,8 @@ def protomaml(
     )
     if inner.learns_lr:
         raise ValueError("protomaml does not meta-learn inner rates: pass lr or an optimizer")
+    if optimizer is not None and not first_order:  # differentiated through, as in maml
+        check_inner_optimizer(optimizer)
 
     def objective(embed_fn, meta_params, task, step, fo=first_order):
         check_meta_params(meta_params)
