@@ -1,4 +1,7 @@
-"""Model adapters: a Flax module becomes ``(params, apply)``, a pure function of a params dict."""
+"""Model adapters: a module of a JAX library becomes ``(params, apply)``, a pure function of its
+parameters: Flax NNX (:func:`functional`, also :func:`from_nnx`), Flax Linen
+(:func:`functional_linen`, also :func:`from_linen`) and Equinox (:func:`from_equinox`; Equinox is
+the optional ``equinox`` extra and is imported only when that adapter is called)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from metagrad._extras import require_extra
 from metagrad.inner import mask_by_path
 
 PyTree = Any
@@ -56,6 +60,67 @@ def functional_linen(
             f"{sorted(variables)} (use metagrad.nn's explicit batch-norm policies)"
         )
     return variables["params"], lambda params, *a, **kw: module.apply({"params": params}, *a, **kw)
+
+
+def from_equinox(module, *, batched: bool = False) -> tuple[Any, Callable]:
+    r"""Split an Equinox module into its floating-point arrays and ``apply(params, *args, **kw)``.
+
+    ``params, static = eqx.partition(module, eqx.is_inexact_array)``: the parameters are every
+    floating-point (or complex) array leaf, a pytree of the module's own structure with ``None``
+    elsewhere; everything else (integer arrays, Python numbers, activation functions, the
+    ``eqx.field(static=True)`` fields) stays in ``static``, fixed and never differentiated.
+    ``apply`` recombines the two inside the traced function, so
+    :math:`\mathrm{apply}(\theta, x) = \mathrm{combine}(\theta, \mathrm{static})(x)` is pure and
+    differentiable to any order.
+
+    Equinox layers map one example (``eqx.nn.Linear`` takes ``(in,)``, ``eqx.nn.Conv2d`` takes
+    ``(C, H, W)``), so by default ``apply`` maps the module over the leading axis of each
+    positional argument with ``jax.vmap`` (keyword arguments are passed to every example
+    unchanged); ``batched=True`` calls a module that takes the whole batch itself.
+
+    A module holding state (``eqx.nn.BatchNorm``, ``eqx.nn.SpectralNorm``: an
+    ``eqx.nn.StateIndex``) raises ``TypeError``: the adapter does not thread ``eqx.nn.State``
+    through the inner loop, and dropping it silently would be wrong. ``eqx.nn.Dropout`` needs a
+    ``key`` per call unless ``inference=True``; pass ``eqx.nn.inference_mode(module)``.
+
+    Example:
+        >>> import equinox as eqx, jax.numpy as jnp
+        >>> model = eqx.nn.MLP(2, 1, width_size=8, depth=1, key=jax.random.key(0))
+        >>> params, apply = from_equinox(model)
+        >>> apply(params, jnp.ones((5, 2))).shape  # five examples, one vmapped call
+        (5, 1)
+        >>> len(jax.tree.leaves(params))  # two weights and two biases; the activation is static
+        4
+    """
+    require_extra("equinox", "metagrad.nn.from_equinox")
+    import equinox as eqx  # the optional extra, imported only here
+
+    is_state = lambda x: isinstance(x, eqx.nn.StateIndex)
+    flat, _ = jax.tree_util.tree_flatten_with_path(module, is_leaf=is_state)
+    stateful = [jax.tree_util.keystr(path) for path, x in flat if is_state(x)]
+    if stateful:
+        raise TypeError(
+            f"from_equinox: {type(module).__name__} holds state (eqx.nn.StateIndex at "
+            f"{', '.join(stateful)}, e.g. eqx.nn.BatchNorm's running statistics), which the "
+            "adapter does not thread through the inner loop; use a stateless layer "
+            "(eqx.nn.LayerNorm, eqx.nn.GroupNorm)"
+        )
+    params, static = eqx.partition(module, eqx.is_inexact_array)
+
+    def apply(params, *args, **kwargs):
+        model = eqx.combine(params, static)
+        if batched:
+            return model(*args, **kwargs)
+        return jax.vmap(lambda *xs: model(*xs, **kwargs))(*args)
+
+    return params, apply
+
+
+from_nnx = functional
+"""Alias of :func:`functional`: the Flax NNX adapter, named like :func:`from_equinox`."""
+
+from_linen = functional_linen
+"""Alias of :func:`functional_linen`: the Flax Linen adapter, named like :func:`from_equinox`."""
 
 
 def adapt_mask(params: PyTree, *, head_only: bool = False, adapt_batchnorm: bool = True) -> PyTree:
