@@ -240,6 +240,7 @@ def check_command_line(argv: list[str]) -> CommandLine:
         return CommandLine()
     multirun = args.multirun or "hydra.mode=MULTIRUN" in args.overrides
     try:
+        check_extras(args.overrides)  # before Hydra's "Could not find 'hydra/sweeper/optuna'"
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             if not multirun:
                 return _check_run(compose, args.overrides, args.config_name or "config")
@@ -254,6 +255,37 @@ def check_command_line(argv: list[str]) -> CommandLine:
             raise
         print(f"error: {one_line(e, args.overrides)}", file=sys.stderr)
         sys.exit(2)
+
+
+# Which optional extra a Hydra option needs: a config group choice -> (extra, the text in the
+# chosen option's file, or the option's own name, that shows it uses the extra's plugin).
+PLUGIN_EXTRAS = {"optuna": "optuna", "submitit": "slurm"}
+
+
+def check_extras(overrides: list[str]) -> None:
+    """Refuse, in one line with the ``pip install`` command, a command line that picks a Hydra
+    plugin whose optional extra is not installed: ``hydra/sweeper=optuna`` or an
+    ``hparams_search`` option that overrides the sweeper with it (the ``optuna`` extra),
+    ``hydra/launcher=submitit_*`` or a launcher option built on it (the ``slurm`` extra).
+
+    Example:
+        >>> check_extras(["seed=1", "inner.lr=0.1"])  # nothing optional chosen
+    """
+    from metagrad._extras import MissingExtraError, require_extra
+
+    for text in overrides:
+        group, _, option = text.lstrip("+~").partition("=")
+        if not option or ("/" not in group and group != "hparams_search"):
+            continue
+        source = CONF_DIR / group / f"{option}.yaml"
+        lines = source.read_text().splitlines() if source.is_file() else []
+        body = " ".join([option, *(line.split("#", 1)[0] for line in lines)])  # no comments
+        for plugin, extra in PLUGIN_EXTRAS.items():
+            if plugin in body:
+                try:
+                    require_extra(extra, text)
+                except MissingExtraError as e:
+                    raise ConfigError(str(e)) from None
 
 
 def _check_run(compose, overrides: list[str], config_name: str) -> CommandLine:
