@@ -43,12 +43,12 @@ from metagrad.tasks.imageset import (
     ImageSetFormatError,
     ImageSetImageError,
     ImageSetNotFoundError,
+    cached_source_digest,
     cached_split,
     check_classes,
     check_count,
     fingerprint,
     resolve_expected,
-    source_digest,
 )
 from metagrad.tasks.safe_pickle import NotAPickleError, TruncatedPickleError, load_pickle
 
@@ -316,7 +316,7 @@ def _load(
     classes, count = resolve_expected(name, expected)
     given = set(dict((expected or {}).get("classes") or {}))
     source = _Source(Path(data_dir))
-    digest = source_digest(source.root, source.files)
+    digest = cached_source_digest(name, source.root, source.files, cache_dir=cache_dir)
     read = functools.cache(lambda: read_cifar100(data_dir))  # only on a cache miss, once
     where = str(source.files[0]) if source.layout == "tar" else str(source.root)
     images, counts = {}, {}

@@ -19,11 +19,11 @@ from metagrad.tasks.imageset import (
     ImageSetData,
     ImageSetFormatError,
     ImageSetNotFoundError,
+    cached_source_digest,
     cached_split,
     decode_classes,
     fingerprint,
     resolve_expected,
-    source_digest,
 )
 
 __all__ = ["class_members", "image_size_option", "load_image_folder", "read_split_folders"]
@@ -128,16 +128,25 @@ def read_split_folders(
     images, counts = {}, {}
     for split, names in classes.items():
         files = members[split] if members is not None else class_members(root, names, split=split)
-        digest = source_digest(root, [p for c in names for p in files[c]])
+        digest = cached_source_digest(
+            name, root, [p for c in names for p in files[c]], cache_dir=cache_dir
+        )
         split_key = f"{key}-{size}-{count}-{','.join(names)}-{digest}"
         images[split], counts[split] = cached_split(
             name,
             split_key,
             split,
-            lambda names=names, files=files: decode_classes(
-                files, names, size=size, resize=True, count=count, where=lambda cls: root / cls
+            lambda allocate, names=names, files=files: decode_classes(
+                files,
+                names,
+                size=size,
+                resize=True,
+                count=count,
+                where=lambda cls: root / cls,
+                allocate=allocate,
             ),
             cache_dir=cache_dir,
+            into=True,
         )
     return images, counts
 

@@ -15,8 +15,10 @@ container each read them from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import mmap
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,7 +28,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from metagrad._files import matches_checksum, write_verified
+from metagrad._files import (
+    checksum_path,
+    file_sha256,
+    matches_checksum,
+    temporary_beside,
+    write_verified,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -162,6 +170,12 @@ def fingerprint(
     same files but Pillow/libjpeg builds that decode differently get different fingerprints:
     the fingerprint certifies the arrays that were trained on.
 
+    Splits that :func:`cached_split` returned are not hashed again on every load: their
+    fingerprint is remembered in ``<cache folder>/fingerprints/`` (a checksummed record) under
+    a key of the name, classes, counts, shapes and the cache files' sha256, so it is computed
+    once per cache content and read afterwards (the cache file's bytes stand for the pixels,
+    as checked on each hit by :func:`cache_verify_mode`); other arrays are hashed.
+
     Example:
         >>> a = {"train": np.zeros((1, 2, 4, 4, 3), np.uint8)}
         >>> n, c = {"train": np.array([2], np.int32)}, {"train": ("n01",)}
@@ -170,16 +184,30 @@ def fingerprint(
         >>> fingerprint("cub", a, n, c) == fingerprint("folder", a, n, c)
         False
     """
+    memo = _fingerprint_memo(name, images, counts, classes)
+    if memo is not None:
+        record = _read_record(memo[0])
+        if record is not None and record.get("key") == memo[1]:
+            return record["fingerprint"]
     h = hashlib.sha256(f"metagrad-imageset-v1\n{name}\n".encode())
     for split in (s for s in SPLITS if s in images):
-        array = np.ascontiguousarray(images[split])
+        array = images[split]
         count = np.asarray(counts[split], np.int64).tolist()
-        header = f"{split}:{','.join(classes[split])}:{count}:{array.dtype.str}:{array.shape}\n"
+        shape = tuple(array.shape)
+        header = f"{split}:{','.join(classes[split])}:{count}:{array.dtype.str}:{shape}\n"
         h.update(header.encode())
-        flat = array.reshape(-1)
-        for start in range(0, flat.size, 1 << 26):
-            h.update(memoryview(flat[start : start + (1 << 26)]))
-    return h.hexdigest()
+        for block in _cached_bytes(array) if memo is not None else _blocks(array):
+            h.update(block)
+    digest = h.hexdigest()
+    if memo is not None:
+        _write_record(memo[0], {"key": memo[1], "fingerprint": digest})
+    return digest
+
+
+def _blocks(array: np.ndarray) -> Iterable[memoryview]:
+    flat = np.ascontiguousarray(array).reshape(-1)
+    for start in range(0, flat.size, 1 << 26):
+        yield memoryview(flat[start : start + (1 << 26)])
 
 
 # --- split lists -------------------------------------------------------------------------------
@@ -468,6 +496,7 @@ def decode_classes(
     resize: bool,
     count: int | None,
     where: Callable[[str], str | os.PathLike] | str | os.PathLike,
+    allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decodes ``members[c]`` for each class ``c`` of ``classes`` into one padded array.
 
@@ -480,6 +509,9 @@ def decode_classes(
         size: ``(height, width)``; ``resize`` as in :func:`decode_image`.
         count: the image count every class must have, or None for any count >= 1.
         where: what count errors name: a path, or a function of the class.
+        allocate: gives the array to fill, of the shape it is called with (default
+            ``np.zeros``): :func:`cached_split`'s, so that a large split is written into its
+            memory-mapped cache image by image rather than held in memory.
 
     Returns:
         ``(images, counts)``: uint8 ``(len(classes), max count, H, W, 3)`` with zero padding,
@@ -501,7 +533,8 @@ def decode_classes(
     counts = np.array([len(members[c]) for c in classes], np.int32)
     for cls, n in zip(classes, counts, strict=True):
         check_count(cls, int(n), count, where=name(cls))
-    images = np.zeros((len(classes), int(counts.max(initial=0)), *size, 3), np.uint8)
+    shape = (len(classes), int(counts.max(initial=0)), *size, 3)
+    images = np.zeros(shape, np.uint8) if allocate is None else allocate(shape)
     for i, cls in enumerate(classes):
         for j, path in enumerate(members[cls]):
             images[i, j] = decode_image(path, size=size, resize=resize)
@@ -510,11 +543,24 @@ def decode_classes(
 
 # --- cache -------------------------------------------------------------------------------------
 
+# How a cache hit checks the cached array (``$METAGRAD_VERIFY_CACHE``): "full" recomputes its
+# sha256 (one pass over it: a bit flip is detected); "stamp" trusts it when its size, mtime and
+# inode are those recorded, beside its checksum, when it was written or last fully verified
+# (nothing is read: an edit, truncation or replacement is detected, silent bit rot is not);
+# "auto" (the default) is "full" for files up to FULL_VERIFY_BYTES (every mini-ImageNet,
+# CIFAR and CUB split: about a second) and "stamp" above (tiered-ImageNet: 14 s a start).
+VERIFY_ENV = "METAGRAD_VERIFY_CACHE"
+VERIFY_MODES = ("auto", "full", "stamp")
+FULL_VERIFY_BYTES = 1 << 30
+_STALE_TMP_S = 3600.0  # a temporary file untouched this long belongs to a build that died
+_RELEASE_BYTES = 1 << 28  # a file build drops its written pages from memory this often
+
 
 def source_digest(root: str | os.PathLike, files: Iterable[Path]) -> str:
     """sha256 (hex) of the files' paths relative to ``root``, sizes and bytes, in the order given.
 
-    Length-prefixed, so unambiguous; a renamed, edited or added file changes it.
+    Length-prefixed, so unambiguous; a renamed, edited or added file changes it. Readers call
+    :func:`cached_source_digest`, which reads the files only when they changed.
 
     Example:
         >>> import tempfile
@@ -537,6 +583,81 @@ def source_digest(root: str | os.PathLike, files: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
+def _stat_key(root: Path, files: Sequence[Path]) -> str:
+    h = hashlib.sha256(f"metagrad-source-stat-v1\n{root.resolve()}\n".encode())
+    for path in files:
+        st = path.stat()
+        h.update(
+            f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0"
+            f"{st.st_ctime_ns}\0{st.st_ino}\n".encode()
+        )
+    return h.hexdigest()
+
+
+def cached_source_digest(
+    dataset: str,
+    root: str | os.PathLike,
+    files: Iterable[Path],
+    *,
+    cache_dir: str | os.PathLike | None,
+) -> str:
+    """:func:`source_digest` of the files, read from a memo while none of them changed.
+
+    The memo (``<cache_dir>/<dataset>/sources/<h>.json``, checksummed) is keyed by ``sha256``
+    of ``root`` and, per file, its relative path, size, mtime, ctime and inode (``os.stat``, no
+    byte read), and holds the content digest computed the first time. Any write to a file moves
+    its mtime and ctime (ctime cannot be set back by ``touch``/``utime``; a copy or restore gets
+    a new inode), so an edited source gets a new memo key and is hashed again: it is never
+    served stale. What this trusts: the file system's clock and inode numbers (a file system
+    that keeps neither, some FUSE mounts, hashes again on every load, which is only slower).
+    A cache folder that cannot be written gives the digest without a memo.
+
+    Example:
+        >>> import tempfile
+        >>> root, cache = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+        >>> _ = (root / "a.png").write_bytes(b"x")
+        >>> d = cached_source_digest("demo", root, [root / "a.png"], cache_dir=cache)
+        >>> d == source_digest(root, [root / "a.png"]), len(list((cache / "demo").iterdir()))
+        (True, 1)
+        >>> d == cached_source_digest("demo", root, [root / "a.png"], cache_dir=cache)  # memo
+        True
+    """
+    root, files = Path(root), [Path(p) for p in files]
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+    key = _stat_key(root, files)
+    memo = cache_dir / dataset / "sources" / f"{key[:32]}.json"
+    record = _read_record(memo)
+    if record is not None and record.get("stat_key") == key:
+        return record["digest"]
+    digest = source_digest(root, files)
+    if _stat_key(root, files) == key:  # unchanged while it was read: safe to remember
+        _write_record(memo, {"stat_key": key, "digest": digest})
+    return digest
+
+
+def _read_record(path: Path) -> dict | None:
+    """A small checksummed JSON record, or None when absent or damaged."""
+    import json
+
+    try:
+        if not matches_checksum(path):
+            return None
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_record(path: Path, record: dict) -> None:
+    """Writes a small JSON record atomically with its checksum; a failure only loses the memo."""
+    import json
+
+    try:
+        write_verified(path, lambda f: f.write(json.dumps(record).encode()))
+    except OSError:
+        pass
+
+
 def default_cache_dir() -> Path:
     """``$METAGRAD_CACHE``, or ``~/.cache/metagrad`` when it is not set.
 
@@ -555,6 +676,32 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("METAGRAD_CACHE") or Path.home() / ".cache" / "metagrad")
 
 
+def cache_verify_mode() -> str:
+    """How a cache hit checks the cached array: ``$METAGRAD_VERIFY_CACHE``, default ``"auto"``.
+
+    ``"full"``: its sha256 is recomputed on every hit (one pass; detects a bit flip).
+    ``"stamp"``: trusted when its size, mtime_ns and inode equal those recorded when it was
+    written or last fully verified (no byte read; detects edits, truncation, replacement, not
+    silent bit rot). ``"auto"``: ``"full"`` for files up to :data:`FULL_VERIFY_BYTES` (1 GiB),
+    ``"stamp"`` above. A stamp that does not match always leads to a full check, never
+    straight to a rebuild.
+
+    Raises:
+        ValueError: another value, naming the variable.
+
+    Example:
+        >>> saved = os.environ.pop(VERIFY_ENV, None)
+        >>> cache_verify_mode()
+        'auto'
+        >>> if saved is not None:
+        ...     os.environ[VERIFY_ENV] = saved
+    """
+    mode = os.environ.get(VERIFY_ENV, "").strip().lower() or "auto"
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"${VERIFY_ENV} must be one of {VERIFY_MODES}, got {mode!r}")
+    return mode
+
+
 def cache_paths(
     dataset: str, key: str, split: str, *, cache_dir: str | os.PathLike
 ) -> tuple[Path, Path]:
@@ -571,29 +718,145 @@ def cache_paths(
     return folder / f"{digest}_{split}.npy", folder / f"{digest}_{split}.counts.npy"
 
 
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".stamp")
+
+
+def _stamp_of(path: Path, checksum: str) -> dict:
+    st = path.stat()
+    return {"sha256": checksum, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def _write_stamp(path: Path, checksum: str) -> None:
+    """Records that ``path`` (as it is now) has ``checksum``; written atomically, best effort."""
+    import json
+
+    stamp = _stamp_path(path)
+    try:
+        tmp = temporary_beside(stamp)
+        tmp.write_text(json.dumps(_stamp_of(path, checksum)))
+        os.replace(tmp, stamp)
+    except OSError:
+        with contextlib.suppress(OSError, UnboundLocalError):
+            tmp.unlink()
+
+
+def _stamp_matches(path: Path, checksum: str) -> bool:
+    import json
+
+    try:
+        return json.loads(_stamp_path(path).read_text()) == _stamp_of(path, checksum)
+    except (OSError, ValueError):
+        return False
+
+
+def _verified_checksum(path: Path, mode: str) -> str | None:
+    """``path``'s recorded sha256 if the file passes the check ``mode`` asks for, else None."""
+    try:
+        recorded = checksum_path(path).read_text().strip()
+        size = path.stat().st_size
+    except OSError:
+        return None
+    full = mode == "full" or (mode == "auto" and size <= FULL_VERIFY_BYTES)
+    if not full and _stamp_matches(path, recorded):
+        return recorded
+    try:
+        if file_sha256(path) != recorded:
+            return None
+    except OSError:
+        return None
+    if not full:
+        _write_stamp(path, recorded)  # so that the next hit need not read it
+    return recorded
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files of builds that were killed (untouched for an hour): never read, only
+    removed, so that a killed 10 GB build does not keep its disk space."""
+    import time
+
+    try:
+        for tmp in folder.glob("*.tmp"):
+            with contextlib.suppress(OSError):
+                if time.time() - tmp.stat().st_mtime > _STALE_TMP_S:
+                    tmp.unlink()
+    except OSError:
+        pass
+
+
+class _FileSplit:
+    """The array a file build fills: a writable ``.npy`` memory map whose written pages are
+    flushed and dropped from this process's memory every :data:`_RELEASE_BYTES`, so a build
+    holds about one block of the split in memory, however large the split."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.path = path
+        self.array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        if hasattr(os, "posix_fallocate") and self.array.nbytes:
+            # reserve the blocks now: a full disk is an OSError here, not a SIGBUS mid-build
+            with path.open("r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+        self.shape, self.dtype, self._dirty = self.array.shape, self.array.dtype, 0
+
+    def __setitem__(self, index, value) -> None:
+        self.array[index] = value
+        self._dirty += np.asarray(value).nbytes
+        if self._dirty >= _RELEASE_BYTES:
+            self.release()
+
+    def __getitem__(self, index):
+        return self.array[index]
+
+    def release(self) -> None:
+        self.array.flush()
+        mapped = getattr(self.array, "_mmap", None)
+        if mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)  # the data stay in the file and page cache
+        self._dirty = 0
+
+    def close(self) -> None:
+        self.array.flush()
+        del self.array
+
+
 def cached_split(
     dataset: str,
     key: str,
     split: str,
-    build: Callable[[], tuple[np.ndarray, np.ndarray]],
+    build: Callable[..., tuple[np.ndarray, np.ndarray]],
     *,
     cache_dir: str | os.PathLike | None,
+    into: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A split's ``(images, counts)`` from the cache, or from ``build()`` and then cached.
+    """A split's ``(images, counts)`` from the cache, or from ``build`` and then cached.
 
     The two arrays are kept as ``.npy`` files (:func:`cache_paths`), each written atomically with
-    its sha256 beside it (:func:`metagrad._files.write_verified`) and read back memory-mapped
-    after the checksum matched. ``key`` must change whenever the result would: hash the source
-    (:func:`source_digest`), the options and the reader's preprocessing version into it. A
-    damaged cache (checksum, dtype or shape wrong) is rebuilt with a warning; a cache folder that
-    cannot be written gives a warning and the built arrays.
+    its sha256 beside it (:func:`metagrad._files.write_verified`) and read back memory-mapped.
+    ``key`` must change whenever the result would: hash the source (:func:`cached_source_digest`),
+    the options and the reader's preprocessing version into it.
+
+    A hit checks the counts' sha256 and the images as :func:`cache_verify_mode` says (a full
+    sha256, or the size/mtime/inode stamp recorded beside the checksum); a damaged cache
+    (checksum, dtype or shape wrong, half of it missing) is rebuilt with a warning.
+
+    Building: with ``into=False``, ``build()`` returns the arrays, written with ``np.save``. With
+    ``into=True``, ``build(allocate)`` calls ``allocate(shape)`` once it knows the split's shape,
+    fills the array-like it gets (``out[i, j] = image``, ``out[i, :n] = block``, ``out[cls, pos]
+    = images``) and returns ``(out, counts)``: the array is a memory-mapped ``.npy`` in a
+    temporary file of the cache folder (its written pages released as it goes, so the build
+    holds about one block in memory, not the split), renamed into place after its checksum is
+    written. Both give the same file, byte for byte. An interrupted build removes its temporary
+    file (a killed one leaves a ``*.tmp`` that no reader trusts, removed an hour later by the
+    next build). A cache folder that cannot be written gives a warning and the built arrays
+    (``into=True``: built in memory).
 
     Args:
         dataset: the cache subfolder.
         key: any string identifying the content (hashed into the file name).
         split: part of the file name.
-        build: returns uint8 ``(classes, max_count, H, W, 3)`` and int ``(classes,)``.
+        build: see above; uint8 ``(classes, max_count, H, W, 3)`` and int ``(classes,)``.
         cache_dir: the cache root; ``None`` for :func:`default_cache_dir`.
+        into: whether ``build`` takes ``allocate`` (large splits).
 
     Example:
         >>> import tempfile
@@ -605,36 +868,120 @@ def cached_split(
         >>> again = cached_split("demo", "v1", "train", None, cache_dir=folder)  # a hit
         >>> bool((again[0] == images).all())
         True
+        >>> def build_into(allocate):
+        ...     out = allocate((2, 3, 4, 4, 3))
+        ...     out[0, :3] = 1
+        ...     out[1, :1] = 1
+        ...     return out, np.array([3, 1])
+        >>> images, counts = cached_split("demo", "v2", "train", build_into, cache_dir=folder,
+        ...                               into=True)
+        >>> type(images).__name__, int(images.sum()) == 4 * 4 * 4 * 3
+        ('memmap', True)
     """
+    mode = cache_verify_mode()
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     images_path, counts_path = cache_paths(dataset, key, split, cache_dir=cache_dir)
-    cached = _read_cache(images_path, counts_path)
+    cached = _read_cache(images_path, counts_path, mode)
     if cached is not None:
         return cached
+    _remove_stale_temporaries(images_path.parent)
+    with contextlib.suppress(OSError):
+        _stamp_path(images_path).unlink()
+    if into:
+        return _build_into(dataset, build, images_path, counts_path)
     images, counts = build()
-    counts = np.asarray(counts, np.int32)
-    if images.dtype != np.uint8 or images.ndim != 5 or counts.shape != images.shape[:1]:
-        raise AssertionError(f"build() gave {images.dtype} {images.shape}, counts {counts.shape}")
+    counts = _checked_counts(images, counts)
     try:
         write_verified(images_path, lambda f: np.save(f, images, allow_pickle=False))
         write_verified(counts_path, lambda f: np.save(f, counts, allow_pickle=False))
     except OSError as err:
-        warnings.warn(
-            f"could not write the {dataset} cache {images_path} ({err}); it will be rebuilt next "
-            "time",
-            stacklevel=2,
-        )
+        _warn_unwritable(dataset, images_path, err)
         return images, counts
-    return np.load(images_path, mmap_mode="r", allow_pickle=False), counts
+    return _open_cached(images_path, checksum_path(images_path).read_text().strip()), counts
 
 
-def _read_cache(images_path: Path, counts_path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+def _checked_counts(images, counts) -> np.ndarray:
+    counts = np.asarray(counts, np.int32)
+    if images.dtype != np.uint8 or len(images.shape) != 5 or counts.shape != images.shape[:1]:
+        raise AssertionError(f"build gave {images.dtype} {images.shape}, counts {counts.shape}")
+    return counts
+
+
+def _warn_unwritable(dataset: str, path: Path, err: OSError) -> None:
+    warnings.warn(
+        f"could not write the {dataset} cache {path} ({err}); it will be rebuilt next time",
+        stacklevel=4,
+    )
+
+
+def _open_cached(path: Path, checksum: str) -> np.memmap:
+    """The cached array, memory-mapped read-only, marked with its file and checksum so that
+    :func:`fingerprint` can read its digest from the cache instead of hashing it."""
+    images = np.load(path, mmap_mode="r", allow_pickle=False)
+    st = path.stat()
+    images._metagrad_cache = (path, checksum, st.st_ino, st.st_mtime_ns)
+    return images
+
+
+def _build_into(dataset, build, images_path: Path, counts_path: Path):
+    """``build(allocate)`` into a temporary ``.npy`` beside ``images_path``, then put in place."""
+    state: dict = {}
+
+    def allocate(shape) -> _FileSplit | np.ndarray:
+        if state:
+            raise AssertionError("allocate() called twice")
+        shape = tuple(int(n) for n in shape)
+        try:
+            state["tmp"] = temporary_beside(images_path)
+            state["out"] = _FileSplit(state["tmp"], shape)
+        except OSError as err:  # an unwritable folder, a full disk: build in memory
+            state["error"] = err
+            _discard(state.pop("tmp", None))
+            state["out"] = np.zeros(shape, np.uint8)
+        return state["out"]
+
+    try:
+        images, counts = build(allocate)
+        counts = _checked_counts(images, counts)
+        if images is not state.get("out"):
+            raise AssertionError("build(allocate) must return the array allocate() gave")
+        if "error" in state:
+            _warn_unwritable(dataset, images_path, state["error"])
+            return images, counts
+        images.close()
+        tmp = state["tmp"]
+        try:
+            checksum = file_sha256(tmp)
+            checksum_path(images_path).write_text(checksum)  # before the data is visible
+            os.replace(tmp, images_path)
+            write_verified(counts_path, lambda f: np.save(f, counts, allow_pickle=False))
+        except OSError as err:  # built, but not put in place: served from where it is
+            array = np.load(tmp if tmp.exists() else images_path, mmap_mode="r")
+            _warn_unwritable(dataset, images_path, err)
+            return array, counts  # (a map outlives its file's removal, in finally below)
+    finally:
+        _discard(state.get("tmp") if state.get("tmp") and state["tmp"].exists() else None)
+    _write_stamp(images_path, checksum)
+    return _open_cached(images_path, checksum), counts
+
+
+def _discard(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _read_cache(
+    images_path: Path, counts_path: Path, mode: str = "full"
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The cached split, or None when absent (silently) or damaged (with a warning)."""
     if not images_path.exists() and not counts_path.exists():
         return None
+    images = counts = None
     try:
-        intact = matches_checksum(images_path) and matches_checksum(counts_path)
-        images = np.load(images_path, mmap_mode="r", allow_pickle=False) if intact else None
+        checksum = _verified_checksum(images_path, mode)
+        intact = checksum is not None and _verified_checksum(counts_path, "full") is not None
+        images = _open_cached(images_path, checksum) if intact else None
         counts = np.load(counts_path, allow_pickle=False) if intact else None
     except (OSError, ValueError):
         images = counts = None
@@ -649,6 +996,54 @@ def _read_cache(images_path: Path, counts_path: Path) -> tuple[np.ndarray, np.nd
         return images, counts
     warnings.warn(f"the cache {images_path} is damaged; rebuilding it", stacklevel=3)
     return None
+
+
+# --- fingerprints of cached splits -------------------------------------------------------------
+
+
+def _fingerprint_memo(name, images, counts, classes) -> tuple[Path, str] | None:
+    """Where the fingerprint of these cached splits is remembered, and the memo's key; None
+    unless every split is an array :func:`cached_split` returned (a read-only map of a cache
+    file whose checksum was verified), the only arrays whose bytes a checksum stands for."""
+    files = {}
+    for split in (s for s in SPLITS if s in images):
+        array = images[split]
+        marked = getattr(array, "_metagrad_cache", None) if type(array) is np.memmap else None
+        if marked is None or array.mode != "r":
+            return None
+        files[split] = marked
+    if not files:
+        return None
+    h = hashlib.sha256(f"metagrad-imageset-fingerprint-memo-v1\n{name}\n".encode())
+    for split, (_, checksum, _, _) in files.items():
+        array = images[split]
+        count = np.asarray(counts[split], np.int64).tolist()
+        h.update(
+            f"{split}:{','.join(classes[split])}:{count}:{array.dtype.str}:{array.shape}:"
+            f"{checksum}\n".encode()
+        )
+    key = h.hexdigest()
+    folder = next(iter(files.values()))[0].parent / "fingerprints"
+    return folder / f"{key[:32]}.json", key
+
+
+def _cached_bytes(array: np.ndarray) -> Iterable[memoryview | bytes]:
+    """The bytes of a cached split in blocks, read from its file (not through the memory map,
+    which would keep the whole split resident in this process)."""
+    path, _, ino, mtime_ns = array._metagrad_cache
+    remaining = array.nbytes
+    with path.open("rb") as f:
+        st = os.fstat(f.fileno())
+        if (st.st_ino, st.st_mtime_ns) != (ino, mtime_ns):  # replaced since it was mapped
+            yield from _blocks(array)
+            return
+        f.seek(array.offset)
+        while remaining:
+            block = f.read(min(remaining, 1 << 26))
+            if not block:
+                raise OSError(f"{path} ended {remaining} bytes early")
+            remaining -= len(block)
+            yield block
 
 
 # --- registry ----------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from metagrad.tasks.imageset import (
     ImageSetFormatError,
     ImageSetImageError,
     ImageSetNotFoundError,
+    cached_source_digest,
     cached_split,
     check_classes,
     check_count,
@@ -44,7 +45,6 @@ from metagrad.tasks.imageset import (
     read_split_file,
     resolve_expected,
     shipped_split,
-    source_digest,
 )
 from metagrad.tasks.safe_pickle import NotAPickleError, TruncatedPickleError, load_pickle
 
@@ -244,6 +244,7 @@ def _read_files(
     count: int | None,
     where: Path,
     split: str,
+    allocate=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     check_classes(members, wnids, where=where, split=split)
     return decode_classes(
@@ -253,11 +254,12 @@ def _read_files(
         resize=True,
         count=count,
         where=(lambda w: where / w) if where.is_dir() else where,
+        allocate=allocate,
     )
 
 
 def _read_pickle(
-    path: Path, wnids: tuple[str, ...], count: int | None, split: str
+    path: Path, wnids: tuple[str, ...], count: int | None, split: str, allocate=None
 ) -> tuple[np.ndarray, np.ndarray]:
     try:
         obj = load_pickle(path)
@@ -287,8 +289,9 @@ def _read_pickle(
                 f"{path}: class_dict[{wnid!r}] indexes rows outside image_data ({len(data)})"
             )
     counts = np.array([len(rows[w]) for w in wnids], np.int32)
-    images = np.zeros((len(wnids), int(counts.max(initial=0)), *IMAGE_SHAPE), np.uint8)
-    for i, wnid in enumerate(wnids):
+    shape = (len(wnids), int(counts.max(initial=0)), *IMAGE_SHAPE)
+    images = np.zeros(shape, np.uint8) if allocate is None else allocate(shape)
+    for i, wnid in enumerate(wnids):  # class by class: one class's copy at a time
         images[i, : counts[i]] = data[rows[wnid]]
     return images, counts
 
@@ -304,15 +307,23 @@ def _sources(data_dir: Path, layout: str, split: str) -> list[Path]:
 
 
 def _build(
-    data_dir: Path, layout: str, split: str, wnids: tuple[str, ...], count: int | None
+    data_dir: Path,
+    layout: str,
+    split: str,
+    wnids: tuple[str, ...],
+    count: int | None,
+    allocate=None,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """The split's arrays, written into ``allocate(shape)`` (see ``cached_split(into=True)``)."""
     if layout == "pickle":
-        return _read_pickle(data_dir / _PICKLE.format(split), wnids, count, split)
+        return _read_pickle(data_dir / _PICKLE.format(split), wnids, count, split, allocate)
     if layout == "csv":
         return _read_files(
-            _csv_members(data_dir, split), wnids, count, data_dir / f"{split}.csv", split
+            _csv_members(data_dir, split), wnids, count, data_dir / f"{split}.csv", split, allocate
         )
-    return _read_files(_folder_members(data_dir, split), wnids, count, data_dir / split, split)
+    return _read_files(
+        _folder_members(data_dir, split), wnids, count, data_dir / split, split, allocate
+    )
 
 
 def load_miniimagenet(
@@ -334,8 +345,11 @@ def load_miniimagenet(
     files; JPEG files decode as Pillow decodes them).
 
     Each split is cached by :func:`metagrad.tasks.imageset.cached_split` under
-    ``<cache_dir>/miniimagenet/``, keyed by the source files' paths and bytes, the expected
-    classes and count, and the preprocessing version; a damaged cache is rebuilt with a warning.
+    ``<cache_dir>/miniimagenet/``, keyed by the source files' paths and bytes (hashed when a
+    file's size, mtime, ctime or inode changed: :func:`~metagrad.tasks.imageset.
+    cached_source_digest`), the expected classes and count, and the preprocessing version; the
+    split is built class by class into the memory-mapped cache file (the pickle itself is read
+    whole); a damaged cache is rebuilt with a warning.
 
     Args:
         data_dir: the folder holding one of the containers.
@@ -371,7 +385,8 @@ def load_miniimagenet(
         layout = _find_layout(data_dir)
         images, counts = {}, {}
         for split in SPLITS:
-            digest = source_digest(data_dir, _sources(data_dir, layout, split))
+            files = _sources(data_dir, layout, split)
+            digest = cached_source_digest(_NAME, data_dir, files, cache_dir=cache_dir)
             key = (
                 f"{_NAME}84-v{_FORMAT_VERSION}-{layout}-{count}-{','.join(classes[split])}-{digest}"
             )
@@ -379,8 +394,11 @@ def load_miniimagenet(
                 _NAME,
                 key,
                 split,
-                lambda split=split: _build(data_dir, layout, split, classes[split], count),
+                lambda allocate, split=split: _build(
+                    data_dir, layout, split, classes[split], count, allocate
+                ),
                 cache_dir=cache_dir,
+                into=True,
             )
     return ImageSetData(
         _NAME, images, counts, classes, fingerprint(_NAME, images, counts, classes), layout

@@ -39,9 +39,14 @@ cache (:func:`metagrad.tasks.imageset.cached_split`) is about 16 GB for the thre
 (608 x 1300 x 84 x 84 x 3 bytes = 16.7 GB, 15.6 GiB; train alone 9.7 GB), more than a device
 holds next to a model: the trainer streams tasks from this memory-mapped cache on the host
 (``task.sampling=auto`` does so when a split exceeds the device budget). Building the cache
-decodes every image once, a few minutes, and holds one split's array in memory together with its
-PNG pickle (the restricted unpickler reads a pickle whole): plan for about 17 GB of RAM for the
-train split. Later loads hash the source files (cache key) and the cached arrays (fingerprint).
+decodes every image once, a few minutes, straight into the memory-mapped cache file, so the
+split's array is never whole in memory; the PNG release's pickle is (the restricted unpickler,
+like any unpickler, reads a pickle whole: plan for RAM the size of ``train_images_png.pkl``),
+an npz is streamed 1024 rows at a time. Later loads read neither the sources nor the arrays
+whole: the source digest and the fingerprint are remembered beside the cache, and the cache
+files, over 1 GiB, are checked by size, mtime and inode (``METAGRAD_VERIFY_CACHE=full`` hashes
+them on every load, about 14 s, to catch a bit flip; see
+:func:`metagrad.tasks.imageset.cache_verify_mode`).
 """
 
 from __future__ import annotations
@@ -62,13 +67,13 @@ from metagrad.tasks.imageset import (
     ImageSetFormatError,
     ImageSetImageError,
     ImageSetNotFoundError,
+    cached_source_digest,
     cached_split,
     check_classes,
     check_count,
     decode_image,
     fingerprint,
     resolve_expected,
-    source_digest,
 )
 from metagrad.tasks.safe_pickle import NotAPickleError, TruncatedPickleError, load_pickle
 
@@ -454,8 +459,9 @@ def load_tieredimagenet(
         rank[by_class] = np.arange(len(labels)) - np.repeat(first, split_counts)
         slots = np.stack([cls, rank], axis=1)
 
-        def build(image_path=image_path, slots=slots, split_counts=split_counts):
-            out = np.zeros((len(split_counts), int(split_counts.max()), *IMAGE_SIZE, 3), np.uint8)
+        def build(allocate, image_path=image_path, slots=slots, split_counts=split_counts):
+            # straight into the memory-mapped cache file: the split is never whole in memory
+            out = allocate((len(split_counts), int(split_counts.max()), *IMAGE_SIZE, 3))
             if layout == "png":
                 _scatter_png(image_path, len(slots), slots, out)
             else:
@@ -466,10 +472,11 @@ def load_tieredimagenet(
         channels = npz_channels if layout == "npz" else "rgb"
         key = (
             f"tieredimagenet-v{_VERSION}-{layout}-{channels}-{count}-{split}-"
-            f"{','.join(names[k] for k in order)}-{source_digest(data_dir, files)}"
+            f"{','.join(names[k] for k in order)}-"
+            f"{cached_source_digest('tieredimagenet', data_dir, files, cache_dir=cache_dir)}"
         )
         images[split], counts[split] = cached_split(
-            "tieredimagenet", key, split, build, cache_dir=cache_dir
+            "tieredimagenet", key, split, build, cache_dir=cache_dir, into=True
         )
         classes[split] = tuple(names[k] for k in order)
     return ImageSetData(
