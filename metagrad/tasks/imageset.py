@@ -11,6 +11,18 @@ Nothing is downloaded. Pillow is imported only when an image is decoded.
 The fingerprint (:func:`fingerprint`) hashes the data set's name and the decoded splits, so two
 labs that report the same name and fingerprint ran on the same decoded images, whichever
 container each read them from.
+
+**What a load reads.** A cache hit reads neither the sources nor, for large splits, the cached
+arrays: (1) the cache key's source digest is remembered beside the cache under the files'
+``os.stat`` (path, size, mtime, ctime, inode; :func:`cached_source_digest`), so sources are
+hashed only when one changed; (2) the fingerprint is remembered under the cache files' sha256
+(:func:`fingerprint`); (3) the cached array is checked as :func:`cache_verify_mode` says: a full
+sha256 (one pass) for files up to 1 GiB (mini-ImageNet, CIFAR-FS, FC100, CUB), the stamp
+(size, mtime, inode recorded when it was written or last hashed) above that (tiered-ImageNet),
+``METAGRAD_VERIFY_CACHE=full`` to hash every load. Every memo is a small checksummed record
+(:func:`metagrad._files.write_verified`); a damaged one is recomputed. A build writes large
+splits class by class into a memory-mapped temporary ``.npy`` (``cached_split(into=True)``),
+so it holds about one class in memory, not the split.
 """
 
 from __future__ import annotations
@@ -895,9 +907,11 @@ def cached_split(
         write_verified(images_path, lambda f: np.save(f, images, allow_pickle=False))
         write_verified(counts_path, lambda f: np.save(f, counts, allow_pickle=False))
     except OSError as err:
-        _warn_unwritable(dataset, images_path, err)
+        _warn_unwritable(dataset, images_path, err, stacklevel=3)
         return images, counts
-    return _open_cached(images_path, checksum_path(images_path).read_text().strip()), counts
+    checksum = checksum_path(images_path).read_text().strip()
+    _write_stamp(images_path, checksum)
+    return _open_cached(images_path, checksum), counts
 
 
 def _checked_counts(images, counts) -> np.ndarray:
@@ -907,10 +921,10 @@ def _checked_counts(images, counts) -> np.ndarray:
     return counts
 
 
-def _warn_unwritable(dataset: str, path: Path, err: OSError) -> None:
-    warnings.warn(
+def _warn_unwritable(dataset: str, path: Path, err: OSError, stacklevel: int = 4) -> None:
+    warnings.warn(  # stacklevel: the reader that called cached_split
         f"could not write the {dataset} cache {path} ({err}); it will be rebuilt next time",
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
 
 
@@ -946,7 +960,7 @@ def _build_into(dataset, build, images_path: Path, counts_path: Path):
         if images is not state.get("out"):
             raise AssertionError("build(allocate) must return the array allocate() gave")
         if "error" in state:
-            _warn_unwritable(dataset, images_path, state["error"])
+            _warn_unwritable(dataset, images_path, state["error"], stacklevel=4)
             return images, counts
         images.close()
         tmp = state["tmp"]
@@ -957,7 +971,7 @@ def _build_into(dataset, build, images_path: Path, counts_path: Path):
             write_verified(counts_path, lambda f: np.save(f, counts, allow_pickle=False))
         except OSError as err:  # built, but not put in place: served from where it is
             array = np.load(tmp if tmp.exists() else images_path, mmap_mode="r")
-            _warn_unwritable(dataset, images_path, err)
+            _warn_unwritable(dataset, images_path, err, stacklevel=4)
             return array, counts  # (a map outlives its file's removal, in finally below)
     finally:
         _discard(state.get("tmp") if state.get("tmp") and state["tmp"].exists() else None)
