@@ -184,8 +184,7 @@ def implicit_vjp(
     a_t = matvec or (lambda u: vjp_x(u)[0])
     rmatvec = None
     if solve == "normal_cg":  # needs A itself: a JVP of F
-        a_t_given = matvec is not None
-        if a_t_given:
+        if matvec is not None:
             raise ValueError("implicit_vjp: solve='normal_cg' needs A's JVP; pass no matvec")
         rmatvec = lambda u: jax.jvp(lambda x: optimality_fn(x, *theta), (x_star,), (u,))[1]
     u, metrics = solve_linear(
