@@ -350,7 +350,10 @@ def svm(
               \text{logits} = s\, X_Q X_S^\top A^*
 
     with :math:`X = f_\theta(x)` and :math:`s` the learned scale (:func:`svm_head`). MetaOptNet
-    uses ``c=0.1`` and adds the identity to the kernel (``kernel_ridge=1``).
+    uses ``c=0.1`` and adds the identity to the kernel (``kernel_ridge=1``). Keep
+    ``kernel_ridge > 0``: it makes the dual strongly convex, so the implicit gradient's linear
+    system is non-singular even when the support embeddings are linearly dependent (more
+    support examples than features); the gradient is exact only at a converged solution.
 
     Args:
         c: the SVM's :math:`C`. kernel_ridge: :math:`r`. iters: FISTA steps of the dual solver.
