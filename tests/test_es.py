@@ -38,6 +38,7 @@ def in_95_region(estimates, truth) -> tuple[bool, float]:
     return bool(t2 <= critical), float(t2 / critical)
 
 
+@pytest.mark.slow  # seconds of compilation (the quick lane is full)
 def test_antithetic_es_cosine_with_the_gradient_of_a_quadratic(key, x64):
     f, x, grad = quadratic(10, key)
     est = jax.jit(lambda k: es_grad(f, x, k, sigma=0.1, num_samples=4096))(jax.random.key(1))
@@ -46,6 +47,7 @@ def test_antithetic_es_cosine_with_the_gradient_of_a_quadratic(key, x64):
     assert float(jnp.max(jnp.abs(est.mean - grad) / est.stderr)) < 4.5
 
 
+@pytest.mark.slow  # seconds of compilation (the quick lane is full)
 def test_antithetic_es_mean_over_seeds_is_unbiased_and_its_stderr_honest(key, x64):
     f, x, grad = quadratic(4, key)
     run = jax.jit(jax.vmap(lambda k: es_grad(f, x, k, sigma=0.5, num_samples=64)))
@@ -56,6 +58,7 @@ def test_antithetic_es_mean_over_seeds_is_unbiased_and_its_stderr_honest(key, x6
     np.testing.assert_allclose(np.mean(est.stderr, 0), np.std(est.mean, 0, ddof=1), rtol=0.2)
 
 
+@pytest.mark.slow  # seconds of compilation (the quick lane is full)
 def test_es_estimator_matches_maml_on_linear_regression(key, x64):
     # MAML's objective on a linear model is quadratic in theta: ES is unbiased for its gradient.
     ks = jax.random.split(key, 3)
@@ -123,6 +126,7 @@ def truncated_es_total(key, theta, *, sigma=0.3, num_samples=8):
     return total
 
 
+@pytest.mark.slow  # seconds of compilation (the quick lane is full)
 def test_pes_is_unbiased_on_a_100_step_unroll_and_truncated_es_is_not(x64):
     theta = jnp.array([0.05, 0.3])
     truth = jax.grad(total_loss)(theta)
@@ -135,6 +139,7 @@ def test_pes_is_unbiased_on_a_100_step_unroll_and_truncated_es_is_not(x64):
     assert not ok and ratio > 10, ratio  # far outside: the bias the persistent xi removes
 
 
+@pytest.mark.slow  # seconds of compilation (the quick lane is full)
 def test_pes_reports_its_stderr(x64):
     init, update = pes(toy_unroll, sigma=0.3, num_samples=16)
     state = init(jnp.zeros(2), (jnp.array(0.0), jnp.array(0.0)))

@@ -102,7 +102,11 @@ def test_every_solver_is_tested():
     assert set(SOLVE_KW) == set(SOLVES)
 
 
-@pytest.mark.parametrize("solve", SOLVES)
+# The quick lane keeps dense (the cheapest to compile); the others run in the slow lane.
+RIDGE_SOLVES = [s if s == "dense" else pytest.param(s, marks=pytest.mark.slow) for s in SOLVES]
+
+
+@pytest.mark.parametrize("solve", RIDGE_SOLVES)
 def test_ridge_hypergradient_equals_closed_form(solve, key, x64):
     train, val = ridge_data(key)
     lam = jnp.array([0.05, 0.2, 1.0, 0.5])
@@ -113,6 +117,7 @@ def test_ridge_hypergradient_equals_closed_form(solve, key, x64):
     assert float(jnp.max(jnp.abs(expected))) > 1e-3  # not a trivially zero gradient
 
 
+@pytest.mark.slow  # seconds of compilation; the quick lane keeps the dense ridge test
 def test_vmap_over_tasks_equals_a_loop(key, x64):
     keys = jax.random.split(key, 8)
     trains, vals = jax.vmap(ridge_data)(keys)
@@ -168,6 +173,7 @@ def test_non_symmetric_fixed_point(x64):
         np.testing.assert_allclose(got, expected, rtol=1e-8, err_msg=solve)
 
 
+@pytest.mark.slow  # seconds of compilation; the quick lane keeps the dense ridge test
 def test_metrics_and_aux(x64):
     f = lambda x, lam: 0.5 * (x - 3.0) ** 2 + 0.5 * lam * x**2
 
@@ -184,6 +190,7 @@ def test_metrics_and_aux(x64):
     np.testing.assert_allclose(g, -x / 2.0, rtol=1e-12)
 
 
+@pytest.mark.slow  # seconds of compilation; the quick lane keeps the dense ridge test
 def test_solve_linear_reports_residual_and_neumann_terms(x64):
     M = jnp.array([[2.0, 0.5], [0.5, 1.0]])
     b = jnp.array([1.0, -1.0])
@@ -381,6 +388,7 @@ def _proximal_closed_form(task, theta, reg):
     return phi, jnp.linalg.solve(jnp.eye(len(theta)) + A_s / reg, g_q)
 
 
+@pytest.mark.slow  # seconds of compilation; the quick lane keeps the dense ridge test
 @pytest.mark.parametrize("solve", ["cg", "gmres", "dense"])
 def test_implicit_estimator_with_an_inner_loop_equals_closed_form(solve, key, x64):
     task, theta, reg = _linear_task(key), jnp.array([0.3, -0.2, 0.5]), 2.0

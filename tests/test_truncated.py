@@ -48,6 +48,7 @@ def central_differences(f, x, eps=1e-6):
     )
 
 
+@pytest.mark.slow  # seconds of compilation (the quick lane is full)
 @pytest.mark.parametrize("k", [1, 2])
 def test_truncated_gradient_equals_finite_differences_of_truncated_objective(k, x64):
     # The truncated objective at theta0: J(theta) = L(adapt_k(theta + c); Q), with the first
@@ -112,6 +113,7 @@ def test_truncated_all_steps_is_maml_exactly(x64):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # seconds of compilation (the quick lane is full)
 def test_truncated_zero_is_first_order_maml_for_theta(x64):
     params, task = setup()
     (loss_t, _), g_t = mg.truncated(0, steps=3, lr=0.3).value_and_grad(
