@@ -332,6 +332,8 @@ RESUME_MAY_CHANGE = (
     "train.resume",
     "train.progress",
     "train.tensorboard",
+    "train.wandb",  # and its train.wandb_* keys: where the numbers also go
+    "train.profile_steps",
     "train.devices",
     "train.memory_check",
     "eval.figure",

@@ -9,7 +9,9 @@ finishes with a held-out test evaluation written to ``metrics.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import math
 import shutil
 import time
@@ -27,8 +29,9 @@ from metagrad.experiment.checkpoint import Checkpoints
 from metagrad.experiment.chunks import ChunkRunner, check_heldout_memory
 from metagrad.experiment.config import ConfigError, validate
 from metagrad.experiment.evaluation import make_curve_fn, summarize
+from metagrad.experiment.profiling import StepTrace
 from metagrad.experiment.runinfo import run_metadata
-from metagrad.experiment.runlog import RunLock, RunLog, write_json
+from metagrad.experiment.runlog import RunLock, RunLog, dumps, open_wandb, write_json
 from metagrad.outer import MetaState, meta_learner, task_mesh
 
 
@@ -188,9 +191,29 @@ def start_run(cfg, run_dir: Path, *, primary: bool) -> Run:
             from tensorboardX import SummaryWriter  # optional; validate() checked it is there
 
             tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10)
+        wandb_run, wandb_resumed = None, False
+        if t.wandb:
+            wandb_run, wandb_resumed = open_wandb(t, config_dict(cfg), run_dir)
         resume_step = int(state.step) if latest is not None else None
-        log = RunLog(run_dir / "metrics.jsonl", tensorboard=tensorboard, resume_step=resume_step)
+        log = RunLog(
+            run_dir / "metrics.jsonl",
+            tensorboard=tensorboard,
+            wandb=wandb_run,
+            resume_step=resume_step,
+            wandb_resumed=wandb_resumed,
+        )
     return Run(exp, learner, ckpt, state, best_val, log, run_dir)
+
+
+def config_dict(cfg) -> dict:
+    """The resolved config as plain JSON types (enums by value), as a logger's config.
+
+    Example:
+        >>> from metagrad.experiment.config import Config
+        >>> config_dict(Config())["train"]["wandb_project"]
+        'metagrad'
+    """
+    return json.loads(dumps(dataclasses.asdict(cfg), default=lambda v: getattr(v, "value", str(v))))
 
 
 def _diverged(run: Run, what: str, steps: str) -> NonFiniteLoss:
@@ -210,7 +233,9 @@ def train(cfg, run_dir: str | Path) -> dict:
     ``run_info.json`` (versions, git commit, backend, devices), ``metrics.json`` (the test
     evaluation and speed) and ``metrics.png`` (held-out tasks before and after adaptation, for
     sinusoid, and the query loss against inner steps); with ``train.tensorboard``, the log's
-    numbers also as TensorBoard event files in ``tensorboard/``.
+    numbers also as TensorBoard event files in ``tensorboard/``; with ``train.wandb``, as a
+    Weights & Biases run in ``wandb/`` (history, test metrics as its summary, the config); with
+    ``train.profile_steps=[a, b]``, a ``jax.profiler`` trace of those meta-steps in ``profile/``.
 
     Each meta-step applies the outer optimizer to :math:`\frac{1}{T} \sum_t g_t`, the mean of
     the estimator's meta-gradients over ``train.meta_batch_size`` tasks
@@ -259,6 +284,8 @@ def train(cfg, run_dir: str | Path) -> dict:
             raise
         raise DiskFull(_stopped_at(run, f"no space left on the device ({err})")) from None
     finally:
+        if run.log is not None:  # closed already unless the run stopped early: then the
+            run.log.close(failed=True)  # wandb run is marked failed, not left open
         if lock is not None:
             lock.release()
 
@@ -300,14 +327,56 @@ def _train(cfg, run: Run, primary: bool) -> dict:
         unit="step",
         dynamic_ncols=True,
     )
-    timed_steps, timed_seconds = 0, 0.0
     step = int(state.step)
+    trace = StepTrace(t.profile_steps if primary else None, run_dir / "profile")
+    try:
+        state, best_val, step, timed_steps, timed_seconds = _chunks_loop(
+            cfg, run, primary, chunks, bar, trace, state, best_val, step
+        )
+    finally:
+        trace.close()
+    bar.close()
+    if run.ckpt.latest_step() is None:  # train.steps == 0: still leave a checkpoint to evaluate
+        run.ckpt.save_last(step, state, best_val=best_val)
+    if run.ckpt.latest_step("best") is None:
+        run.ckpt.save_best(step, state, best_val=best_val)
+
+    results = evaluate_checkpoint(exp, run.ckpt, state, which=cfg.eval.checkpoint)
+    bad = [k for k, v in results.items() if k.endswith("_post") and not math.isfinite(v)]
+    speed = timed_steps / timed_seconds if timed_seconds > 0 else None
+    results.update(
+        steps_per_sec=speed,
+        compile_seconds=chunks.compile_seconds,
+        train_steps=int(state.step),
+        val_objective=float(best_val),
+    )
+    run.ckpt.close()
+    if primary:
+        run.log.summary(results)
+        run.log.close()
+        write_results(exp, run_dir, results, "metrics.json")  # non-finite values as null
+    else:
+        results.pop("_meta_params")
+    if bad:
+        raise NonFiniteLoss(
+            f"the test evaluation's {bad[0]} is {results[bad[0]]} (metrics.json holds null); "
+            f"the checkpoint it evaluated is kept in {run_dir / 'checkpoints'}"
+        )
+    return results
+
+
+def _chunks_loop(cfg, run: Run, primary: bool, chunks, bar, trace, state, best_val, step):
+    """The meta-training chunks from ``step`` to ``train.steps``: each a compiled call, then its
+    log record, validation and checkpoints when due."""
+    t, exp = cfg.train, run.exp
+    timed_steps, timed_seconds = 0, 0.0
     while step < t.steps:
         n = min(t.chunk_steps, t.steps - step)
         before = chunks.compile_seconds
         tic = time.perf_counter()
-        new_state, metrics = chunks(state, n)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        with trace.chunk(step, n):
+            new_state, metrics = chunks(state, n)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         params_finite = metrics.pop("params_finite") == 1.0
         seconds = time.perf_counter() - tic - (chunks.compile_seconds - before)
         bad = [k for k in ("meta_loss", "grad_norm") if not math.isfinite(metrics[k])]
@@ -337,33 +406,7 @@ def _train(cfg, run: Run, primary: bool) -> dict:
                 run.ckpt.save_best(step, state, best_val=best_val)
         if step % t.checkpoint_every == 0 or step == t.steps:
             run.ckpt.save_last(step, state, best_val=best_val)
-    bar.close()
-    if run.ckpt.latest_step() is None:  # train.steps == 0: still leave a checkpoint to evaluate
-        run.ckpt.save_last(step, state, best_val=best_val)
-    if run.ckpt.latest_step("best") is None:
-        run.ckpt.save_best(step, state, best_val=best_val)
-
-    results = evaluate_checkpoint(exp, run.ckpt, state, which=cfg.eval.checkpoint)
-    bad = [k for k, v in results.items() if k.endswith("_post") and not math.isfinite(v)]
-    speed = timed_steps / timed_seconds if timed_seconds > 0 else None
-    results.update(
-        steps_per_sec=speed,
-        compile_seconds=chunks.compile_seconds,
-        train_steps=int(state.step),
-        val_objective=float(best_val),
-    )
-    run.ckpt.close()
-    if primary:
-        run.log.close()
-        write_results(exp, run_dir, results, "metrics.json")  # non-finite values as null
-    else:
-        results.pop("_meta_params")
-    if bad:
-        raise NonFiniteLoss(
-            f"the test evaluation's {bad[0]} is {results[bad[0]]} (metrics.json holds null); "
-            f"the checkpoint it evaluated is kept in {run_dir / 'checkpoints'}"
-        )
-    return results
+    return state, best_val, step, timed_steps, timed_seconds
 
 
 def evaluate_checkpoint(exp: Experiment, ckpt: Checkpoints, template_state, *, which: str) -> dict:

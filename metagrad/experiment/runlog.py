@@ -13,6 +13,7 @@ import fcntl
 import json
 import math
 import os
+import secrets
 import socket
 import warnings
 from pathlib import Path
@@ -69,16 +70,33 @@ def read_log(path: Path) -> list[dict]:
 
 
 class RunLog:
-    """``metrics.jsonl`` and, given a writer, TensorBoard scalars ``{kind}/{name}``.
+    """``metrics.jsonl`` and, given writers, TensorBoard scalars and Weights & Biases history,
+    both as ``{kind}/{name}`` at the record's meta-step.
 
     On resume the log is cut back to the records of steps the checkpoint has reached, so that a
-    run killed after logging past its last checkpoint holds no duplicate records afterwards.
+    run killed after logging past its last checkpoint holds no duplicate records afterwards. The
+    wandb run already holds the records cut (a resume recomputes them bit for bit), so they are
+    not sent again (``sent``: the ``(step, kind)`` pairs it holds past the checkpoint, when
+    ``wandb_resumed`` says the wandb run is the one that logged them).
     """
 
-    def __init__(self, path: Path, *, tensorboard=None, resume_step: int | None = None):
-        self.path, self.tensorboard = path, tensorboard
+    def __init__(
+        self,
+        path: Path,
+        *,
+        tensorboard=None,
+        wandb=None,
+        resume_step: int | None = None,
+        wandb_resumed: bool = False,
+    ):
+        self.path, self.tensorboard, self.wandb = path, tensorboard, wandb
+        self.sent: set[tuple[int, str]] = set()
         if resume_step is not None and path.exists():
-            kept = [r for r in read_log(path) if r.get("step", 0) <= resume_step]
+            old = read_log(path)
+            kept = [r for r in old if r.get("step", 0) <= resume_step]
+            if wandb_resumed:  # the wandb run holds what the log held
+                cut = [r for r in old if r.get("step", 0) > resume_step]
+                self.sent = {(r.get("step"), r.get("kind")) for r in cut}
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(dumps(r) + "\n" for r in kept))
             os.replace(tmp, path)
@@ -91,14 +109,61 @@ class RunLog:
         with self.path.open("a") as f:
             f.write(line)  # one call, one line: whole or, cut short, a torn last line
             f.flush()
+        scalars = {
+            f"{record['kind']}/{name}": value
+            for name, value in record.items()
+            if name not in ("step", "kind") and isinstance(value, int | float)
+        }
         if self.tensorboard is not None:
-            for name, value in record.items():
-                if name not in ("step", "kind") and isinstance(value, int | float):
-                    self.tensorboard.add_scalar(f"{record['kind']}/{name}", value, record["step"])
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, record["step"])
+        if self.wandb is not None and (record["step"], record["kind"]) not in self.sent:
+            self.wandb.log(json_safe(scalars), step=record["step"])
 
-    def close(self) -> None:
+    def summary(self, results: dict) -> None:
+        """The run's final numbers (the test metrics, the speed) as the wandb run's summary;
+        private entries (``_meta_params``) are left out."""
+        if self.wandb is not None:
+            public = {k: v for k, v in results.items() if not k.startswith("_")}
+            self.wandb.summary.update(json_safe(public))
+
+    def close(self, *, failed: bool = False) -> None:
+        """Closes the writers (once; later calls do nothing); ``failed`` marks the wandb run as
+        failed (exit code 1)."""
         if self.tensorboard is not None:
             self.tensorboard.close()
+            self.tensorboard = None
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb = None
+
+
+def open_wandb(train_cfg, config: dict, run_dir: Path):
+    """A Weights & Biases run in ``run_dir/wandb`` with ``train.wandb_*``'s project, entity,
+    group, tags and name, ``config`` (the resolved run config) as its config; the same run again
+    on resume (its id is kept in ``run_dir/wandb/run_id``). Returns ``(run, resumed)``.
+    ``WANDB_MODE=offline`` (or ``wandb offline``) writes ``wandb/offline-run-*`` and never
+    touches the network; ``wandb sync`` uploads them later."""
+    import wandb  # the optional extra; validate() checked it is there
+
+    folder = run_dir / "wandb"
+    folder.mkdir(parents=True, exist_ok=True)
+    id_file = folder / "run_id"
+    resumed = id_file.is_file()
+    run_id = id_file.read_text().strip() if resumed else secrets.token_hex(4)  # 8 characters
+    id_file.write_text(run_id + "\n")
+    run = wandb.init(
+        project=train_cfg.wandb_project,
+        entity=train_cfg.wandb_entity,
+        group=train_cfg.wandb_group,
+        tags=list(train_cfg.wandb_tags),
+        name=train_cfg.wandb_name or run_dir.resolve().name,
+        config=config,
+        dir=str(run_dir),
+        id=run_id,
+        resume="allow",
+    )
+    return run, resumed
 
 
 class RunDirLocked(RuntimeError):

@@ -83,6 +83,18 @@ class TrainLoopConfig(Node):
     devices: str = "1"  # "1" or "all": shard the task axis across local devices
     progress: bool = True
     tensorboard: bool = False  # also TensorBoard event files (the tensorboard extra)
+    # Also a Weights & Biases run (the wandb extra), in <run>/wandb: the log's numbers as its
+    # history (step = meta-step), the test metrics as its summary, the resolved config as its
+    # config; a resume continues the same wandb run. WANDB_MODE=offline writes it locally only.
+    wandb: bool = False
+    wandb_project: str = "metagrad"
+    wandb_entity: str | None = None  # null: the account's default entity
+    wandb_group: str | None = None  # e.g. one group per sweep
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_name: str | None = None  # null: the run directory's name
+    # [a, b]: a jax.profiler trace (TensorBoard/XProf, Perfetto) of meta-steps a..b-1 in
+    # <run>/profile; it spans the whole compiled chunks (train.chunk_steps) that hold them.
+    profile_steps: list[int] | None = None
     memory_check: bool = True  # refuse a compiled step that needs more memory than there is
 
     def check(self):
@@ -102,6 +114,19 @@ class TrainLoopConfig(Node):
             "devices",
             lambda v: str(v) == "all" or (str(v).isdigit() and int(v) >= 1),
             "must be a positive integer or 'all'",
+        )
+        self.need("wandb_project", lambda v: isinstance(v, str) and v != "", "must be a name")
+        for name in ("wandb_entity", "wandb_group", "wandb_name"):
+            self.need(name, optional(lambda v: isinstance(v, str) and v != ""), "must be a name")
+        self.need(
+            "wandb_tags",
+            lambda v: all(isinstance(t, str) and 0 < len(t) <= 64 for t in v),
+            "must be a list of tags of 1 to 64 characters (wandb's limit)",
+        )
+        self.need(
+            "profile_steps",
+            optional(lambda v: len(v) == 2 and all(nonneg_int(i) for i in v) and v[0] < v[1]),
+            "must be [a, b], meta-steps a..b-1 with 0 <= a < b, or null",
         )
 
 
@@ -249,4 +274,8 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             "train.tensorboard=True: needs the tensorboardX package: "
             "pip install 'metagrad[tensorboard]'"
+        )
+    if cfg.train.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "train.wandb=True: needs the wandb package: pip install 'metagrad[wandb]'"
         )
