@@ -126,7 +126,7 @@ class ImageTaskConfig(TaskConfig):
     images_per_class: int | None = None  # accept a copy with this many images per class
     sampling: Sampling = Sampling.auto
     device_budget_mb: float | None = None  # default: a fraction of the device's free memory
-    prefetch: int = 2  # host streaming: steps gathered ahead of the compiled step
+    prefetch: int = 2  # host streaming: chunks gathered ahead of the compiled one (0: none)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def check(self):
@@ -134,7 +134,7 @@ class ImageTaskConfig(TaskConfig):
         self.need("ways", lambda v: is_int(v) and v >= 2, "must be at least 2")
         self.need("images_per_class", optional(positive_int), "must be a positive int or null")
         self.need("device_budget_mb", optional(lambda v: finite(v) and v > 0), "must be > 0")
-        self.need("prefetch", positive_int, "must be a positive integer")
+        self.need("prefetch", nonneg_int, "must be a non-negative integer")
 
     def image_size(self) -> int:
         """The side of the square images the reader returns (and the model sees)."""
