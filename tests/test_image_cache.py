@@ -341,3 +341,24 @@ def test_the_source_memo_returns_the_content_digest(tmp_path, counted):
     assert counted["source_digest"] == 1
     (tmp_path / "y.bin").write_bytes(b"edited")
     assert cached_source_digest("demo", tmp_path, files, cache_dir=tmp_path / "c") != d
+
+
+@pytest.mark.slow
+def test_the_image_cache_benchmark_reports_misses_and_hits(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "image_cache.json"
+    args = ["--classes=2", "--images=3", "--tiered-classes=2", "--tiered-images=3", "--repeats=1"]
+    subprocess.run(
+        [sys.executable, "-m", "experiments.bench.image_cache", *args, f"--json={out}"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["load"] for r in rows[:4]] == ["miss", "hit", "hit (full)", "hit (stamp)"]
+    assert len(rows) == 12 and all(r["seconds"] > 0 for r in rows)
+    for case in {r["case"] for r in rows}:  # every load of a copy gives the same fingerprint
+        assert len({r["fingerprint"] for r in rows if r["case"] == case}) == 1

@@ -565,7 +565,7 @@ VERIFY_ENV = "METAGRAD_VERIFY_CACHE"
 VERIFY_MODES = ("auto", "full", "stamp")
 FULL_VERIFY_BYTES = 1 << 30
 _STALE_TMP_S = 3600.0  # a temporary file untouched this long belongs to a build that died
-_RELEASE_BYTES = 1 << 28  # a file build drops its written pages from memory this often
+_RELEASE_BYTES = 1 << 25  # a file build drops its written pages from memory this often
 
 
 def source_digest(root: str | os.PathLike, files: Iterable[Path]) -> str:
@@ -827,7 +827,7 @@ class _FileSplit:
         self._dirty = 0
 
     def close(self) -> None:
-        self.array.flush()
+        self.release()
         del self.array
 
 
