@@ -17,9 +17,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from metagrad import estimators
 from metagrad import nn as mnn
 from metagrad._types import MetaParams, Task
-from metagrad.estimators import MetaGradEstimator, learned_rates, make_estimator
+from metagrad.estimators import ESTIMATORS, MetaGradEstimator, learned_rates, make_estimator
 from metagrad.experiment.config import (
     BNPolicy,
     ConfigError,
@@ -226,7 +227,8 @@ def inner_mask(cfg, params):
 
 
 def build_estimator(cfg, model: Model) -> MetaGradEstimator:
-    """The registry's estimator for ``algo.name``: the inner loop the config describes and the
+    """The estimator of ``algo`` (``cfg.algo.estimator_name()``, the registry's ``algo.name``
+    unless ``algo.grad_mode`` picks another): the inner loop the config describes and the
     algorithm's own keywords (``cfg.algo.estimator_kwargs()``)."""
     a, inner = cfg.algo, cfg.inner
     kw = dict(
@@ -243,7 +245,10 @@ def build_estimator(cfg, model: Model) -> MetaGradEstimator:
     if isinstance(a, IMAMLConfig) and a.curvature == Curvature.gauss_newton:
         # the loss split as output_loss(apply(params, x), y)
         kw.update(predict_fn=model.apply, output_loss=_output_loss(cfg))
-    return make_estimator(a.name, **kw)
+    name = a.estimator_name()
+    if name in ESTIMATORS:
+        return make_estimator(name, **kw)
+    return getattr(estimators, name)(**kw)  # a grad_mode's estimator (es)
 
 
 def _output_loss(cfg) -> Callable:

@@ -51,6 +51,16 @@ class Sampling(StrEnum):
     host = "host"  # host streaming from the memory-mapped cache, prefetched to the device
 
 
+class GradMode(StrEnum):
+    """How ``algo=maml`` differentiates through its inner loop."""
+
+    second_order = "second_order"  # backprop through every inner step (MAML)
+    first_order = "first_order"  # the inner gradients constants (FOMAML)
+    truncated = "truncated"  # backprop through the last algo.truncate steps only
+    implicit = "implicit"  # the proximal problem's implicit gradient (iMAML's)
+    es = "es"  # antithetic evolution strategies on the unrolled objective (zero order)
+
+
 class TieredLayout(StrEnum):
     png = "png"  # Ren et al.'s {split}_images_png.pkl
     npz = "npz"  # the common re-packs

@@ -12,6 +12,7 @@ from metagrad.experiment.config.base import (
     ConvImpl,
     Curvature,
     Downsample,
+    GradMode,
     Node,
     Option,
     Padding,
@@ -364,9 +365,13 @@ class AlgoConfig(Option):
     def adapts_batchnorm(self) -> bool:
         return True
 
+    def estimator_name(self) -> str:
+        """The estimator in `metagrad.estimators` that runs this algorithm."""
+        return self.name
+
     def estimator_kwargs(self) -> dict:
-        """This algorithm's own keywords of ``make_estimator(name, ...)`` (the inner loop's
-        steps, rate, mask and remat are `metagrad.experiment.build`'s)."""
+        """This algorithm's own keywords of its estimator (the inner loop's steps, rate, mask
+        and remat are `metagrad.experiment.build`'s)."""
         return {}
 
 
@@ -414,14 +419,66 @@ class _Rates(_RateShape):
 
 @dataclass
 class MAMLConfig(_Rates):
-    """``algo/maml``: second-order MAML (Finn et al. 2017); ``first_order=true`` is FOMAML."""
+    """``algo/maml``: second-order MAML (Finn et al. 2017); ``first_order=true`` is FOMAML.
+
+    ``grad_mode`` picks how the meta-gradient goes through the inner loop, so that the CLI
+    compares the modes on one task: ``second_order`` (MAML), ``first_order`` (FOMAML, the same
+    as ``first_order=true``), ``truncated`` (the last ``truncate`` steps,
+    `metagrad.truncated`), ``implicit`` (the proximal problem's implicit gradient with
+    ``implicit_reg``, ``cg_iters``, ``cg_tol``, ``damping``: iMAML's estimator) and ``es``
+    (antithetic evolution strategies, ``es_sigma``, ``es_samples`` pairs: `metagrad.es`).
+    """
 
     NAME: ClassVar[str] = "maml"
     name: str = "maml"
     first_order: bool = False
+    grad_mode: GradMode = GradMode.second_order
+    truncate: int = 1  # grad_mode=truncated: backpropagate through this many last steps
+    implicit_reg: float = 1.0  # grad_mode=implicit: the proximal term's lambda
+    cg_iters: int = 5
+    cg_tol: float = 1e-10
+    damping: float = 0.0
+    es_sigma: float = 0.01  # grad_mode=es: the perturbation's scale
+    es_samples: int = 16  # grad_mode=es: antithetic pairs per task
+
+    def check(self):
+        super().check()
+        mode = GradMode(self.grad_mode)
+        self.need(
+            "first_order",
+            lambda v: not v or mode in (GradMode.second_order, GradMode.first_order),
+            f"contradicts algo.grad_mode={mode.value}: set one of them",
+        )
+        self.need("truncate", nonneg_int, "must be a non-negative integer")
+        self.need("implicit_reg", lambda v: finite(v) and v > 0, "must be positive and finite")
+        self.need("cg_iters", positive_int, "must be a positive integer")
+        self.need("cg_tol", lambda v: finite(v) and v >= 0, "must be >= 0 and finite")
+        self.need("damping", lambda v: finite(v) and v >= 0, "must be >= 0 and finite")
+        self.need("es_sigma", lambda v: finite(v) and v > 0, "must be positive and finite")
+        self.need("es_samples", positive_int, "must be a positive integer")
+        if mode in (GradMode.implicit, GradMode.es):
+            for key in ("learn_lr", "per_step_lr"):
+                self.need(key, lambda v: not v, f"is not supported with algo.grad_mode={mode}")
+
+    def estimator_name(self) -> str:
+        """The registry's estimator for this ``grad_mode``."""
+        return {GradMode.implicit: "imaml", GradMode.es: "es"}.get(self.grad_mode, "maml")
 
     def estimator_kwargs(self) -> dict:
-        return dict(super().estimator_kwargs(), first_order=self.first_order)
+        mode = self.grad_mode
+        if mode == GradMode.implicit:
+            return dict(
+                reg=self.implicit_reg,
+                cg_iters=self.cg_iters,
+                cg_tol=self.cg_tol,
+                damping=self.damping,
+            )
+        kw = super().estimator_kwargs()
+        if mode == GradMode.es:
+            return dict(kw, sigma=self.es_sigma, num_samples=self.es_samples)
+        if mode == GradMode.truncated:
+            return dict(kw, truncate=self.truncate)
+        return dict(kw, first_order=self.first_order or mode == GradMode.first_order)
 
 
 @dataclass
