@@ -146,12 +146,14 @@ def test_presets_are_diffs_over_one_protocol_file(protocol, presets):
         text = yaml.safe_load((CONF / "experiment" / f"{preset}.yaml").read_text())
         assert text["defaults"][0] == f"/protocol/{protocol}", preset
         stated = _flat({k: v for k, v in text.items() if k != "defaults"})
-        for entry in text["defaults"][1:]:  # another task: "override /task: cifarfs"
-            if isinstance(entry, dict) and "override /task" in entry:
-                stated["task.name"] = entry["override /task"]
+        # Another task ("override /task: cifarfs") is compared with the protocol on that task.
+        tasks = [e["override /task"] for e in text["defaults"][1:] if "override /task" in e]
         cfg = OmegaConf.to_container(_compose([f"+experiment={preset}"]))
         base = OmegaConf.to_container(
-            _compose([f"+protocol={protocol}", f"algo={cfg['algo']['name']}"])
+            _compose(
+                [f"+protocol={protocol}", f"algo={cfg['algo']['name']}"]
+                + [f"task={t}" for t in tasks]
+            )
         )
         changed = {k for k, v in _flat(cfg).items() if _flat(base).get(k) != v}
         assert set(stated) == changed, preset  # nothing restated, nothing changed unsaid

@@ -78,7 +78,10 @@ def test_modes_that_differ_give_different_gradients(sinusoid_task):
         )
         for m in ("second_order", "first_order")
     }
-    assert any(not np.allclose(a, b) for a, b in zip(grads["second_order"], grads["first_order"]))
+    assert any(
+        not np.allclose(a, b)
+        for a, b in zip(grads["second_order"], grads["first_order"], strict=True)
+    )
 
 
 @pytest.mark.parametrize(
