@@ -37,9 +37,8 @@ def head_objective(head, z, y, l2, cosine=False, scale=None, num_classes=3):
     return ce + 0.5 * l2 * jnp.sum(head["kernel"] ** 2)
 
 
-@pytest.mark.parametrize(
-    "num_classes", [3, pytest.param(9, marks=pytest.mark.slow)]
-)  # 9: six absent classes, masked
+@pytest.mark.slow  # the doctests of fit_logistic_head and probe run in the quick lane
+@pytest.mark.parametrize("num_classes", [3, 9])  # 9: six absent classes, masked
 def test_fitted_logistic_head_is_at_the_optimum(key, x64, num_classes):
     z, y = clusters(key)
     fit = jax.jit(partial(fit_logistic_head, l2=0.1, iters=100), static_argnums=2)
