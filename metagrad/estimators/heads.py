@@ -186,10 +186,7 @@ def project_rows(v: jax.Array, upper: jax.Array, present: jax.Array) -> jax.Arra
     """
     t = jnp.where(present, v - upper, jnp.inf)  # absent classes are never free
     u = jnp.where(present, upper, 0.0)
-    order = jnp.argsort(t, axis=1)
-    ts = jnp.take_along_axis(t, order, axis=1)
-    vs = jnp.take_along_axis(v, order, axis=1)
-    us = jnp.take_along_axis(u, order, axis=1)
+    ts, vs, us = lax.sort((t, v, u), dimension=1, num_keys=1)  # one sort, values carried
     j = jnp.arange(1, v.shape[1] + 1, dtype=v.dtype)
     # tau_j: the root if the first j sorted breakpoints are free, the others at their bounds.
     taus = (jnp.cumsum(vs, axis=1) + jnp.sum(u, axis=1, keepdims=True) - jnp.cumsum(us, axis=1)) / j
