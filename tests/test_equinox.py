@@ -2,6 +2,8 @@
 model's from the same weights, and one-line errors for what it does not handle."""
 
 import importlib.util
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +151,15 @@ def test_a_module_with_state_is_refused_in_one_line(key):
     with pytest.raises(TypeError, match=refused) as e:
         from_equinox(model)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow  # a fresh interpreter: about 5 s of imports
+def test_importing_metagrad_does_not_import_equinox(subprocess_env):
+    code = "import sys, metagrad, metagrad.nn, metagrad.experiment; print('equinox' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
 
 
 def test_without_equinox_the_error_names_the_pip_command(key, monkeypatch):

@@ -74,6 +74,19 @@ def test_cli_refuses_a_plugin_without_its_extra_before_hydra(argv, extra, hidden
     assert f"pip install 'metagrad[{extra}]'" in err
 
 
+@pytest.mark.parametrize(
+    "key, module", [("train.wandb", "wandb"), ("train.tensorboard", "tensorboardX")]
+)
+def test_cli_refuses_a_logger_without_its_extra_before_hydra(key, module, without, capsys):
+    without(module)
+    with pytest.raises(SystemExit) as info:
+        check_command_line([f"{key}=true", "train.progress=false"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {key}=True: needs"), err
+    assert "pip install 'metagrad[" in err
+
+
 def test_with_the_extras_installed_the_plugins_pass_the_check():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
