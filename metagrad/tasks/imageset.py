@@ -32,6 +32,7 @@ import hashlib
 import importlib
 import mmap
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
@@ -820,14 +821,22 @@ class _FileSplit:
         return self.array[index]
 
     def release(self) -> None:
-        self.array.flush()
         mapped = getattr(self.array, "_mmap", None)
-        if mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            mapped.madvise(mmap.MADV_DONTNEED)  # the data stay in the file and page cache
+        if mapped is None or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            self.array.flush()
+        elif sys.platform.startswith("linux"):
+            # Linux keeps a dropped page's data (dirty) in the page cache, written back later:
+            # no synchronous flush, which would make the build wait for the disk
+            mapped.madvise(mmap.MADV_DONTNEED)
+        else:
+            self.array.flush()
+            mapped.madvise(mmap.MADV_DONTNEED)
         self._dirty = 0
 
     def close(self) -> None:
         self.release()
+        if not sys.platform.startswith("linux"):  # Linux's reads see the mapped writes
+            self.array.flush()
         del self.array
 
 
