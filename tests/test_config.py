@@ -43,6 +43,10 @@ def test_every_group_option_has_its_dataclass():
 @pytest.mark.parametrize("algo", _options("algo"))
 @pytest.mark.parametrize("task", _options("task"))
 def test_every_task_and_algo_composes_and_validates(task, algo):
+    if task == "sinusoid" and C.ALGOS[algo].EMBEDDING:  # classification only: refused
+        with pytest.raises(ConfigError, match=f"algo={algo}: fits a classifier"):
+            _typed([f"task={task}", f"algo={algo}"])
+        return
     cfg = _typed([f"task={task}", f"algo={algo}"])
     assert cfg.task.name == task and cfg.algo.name == algo
     assert type(cfg.task) is C.TASKS[task] and type(cfg.algo) is C.ALGOS[algo]
@@ -61,6 +65,8 @@ def test_option_files_hold_no_second_copy_of_the_dataclass_defaults(group):
     for name, cls in C.GROUP_OPTIONS[group].items():
         overrides = [f"{group}={name}"]
         if group == "model" and not name.startswith("mlp"):
+            overrides.append("task=omniglot")
+        if group == "algo" and cls.EMBEDDING:  # classification only
             overrides.append("task=omniglot")
         assert getattr(_typed(overrides), group) == cls(), name
 
@@ -294,12 +300,17 @@ def test_each_algorithm_builds_its_registry_estimator():
 
     from metagrad.experiment.build import build_estimator, build_model, initial_meta_params
 
-    for name in C.ALGOS:
-        cfg = Config(model=C.MLPConfig(hidden=[4]), algo=C.ALGOS[name]())
+    for name, algo in C.ALGOS.items():
+        if algo.EMBEDDING:  # classification only, over a head-less Conv4
+            cfg = Config(task=C.OmniglotConfig(), model=C.Conv4Config(channels=4), algo=algo())
+        else:
+            cfg = Config(model=C.MLPConfig(hidden=[4]), algo=algo())
         validate(cfg)
         model = build_model(cfg, jax.random.key(0))
         assert build_estimator(cfg, model).name == name
-        assert (initial_meta_params(cfg, model).lr is not None) == cfg.algo.learns_lr
+        meta = initial_meta_params(cfg, model)
+        assert (meta.lr is not None) == cfg.algo.learns_lr
+        assert ("backbone" in meta.params) == (name in ("r2d2", "svm"))  # beside learned heads
 
 
 def test_auto_task_batching_follows_the_model_on_cpu():

@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, SUBPROCESS_ENV
 
 SPLIT_CLASSES = {"train": 4, "val": 3, "test": 3}
@@ -30,7 +29,8 @@ def mini_copy(tmp_path_factory):
         wnids = [f"n{n + i:08d}" for i in range(count)]
         n += count
         images = rng.integers(0, 256, (count * PER_CLASS, 84, 84, 3), np.uint8)
-        class_dict = {w: list(range(i * PER_CLASS, (i + 1) * PER_CLASS)) for i, w in enumerate(wnids)}
+        rows = lambda i: list(range(i * PER_CLASS, (i + 1) * PER_CLASS))
+        class_dict = {w: rows(i) for i, w in enumerate(wnids)}
         obj = {"image_data": images, "class_dict": class_dict}
         (root / f"mini-imagenet-cache-{split}.pkl").write_bytes(pickle.dumps(obj, protocol=4))
         (root / f"{split}.txt").write_text("\n".join(wnids) + "\n")

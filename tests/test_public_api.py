@@ -97,7 +97,10 @@ def test_every_public_name_exists_and_is_documented():
     for name in metagrad.__all__:
         obj = getattr(metagrad, name)
         if name == "ESTIMATORS":  # a dict: documented by its module and by make_estimator
-            assert set(obj) == {"maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"}
+            assert set(obj) == {
+                *("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"),
+                *("protonet", "protomaml", "r2d2", "svm"),
+            }
             continue
         assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
 
@@ -105,6 +108,8 @@ def test_every_public_name_exists_and_is_documented():
 def test_estimator_registry_builds_every_estimator():
     for name, factory in metagrad.ESTIMATORS.items():
         kwargs = {"steps": 1} if name == "metasgd" else {"steps": 1, "lr": 0.1}  # learns its lr
+        if name in ("protonet", "r2d2", "svm"):  # no inner loop: the classifier is fitted
+            kwargs = {}
         est = metagrad.make_estimator(name, **kwargs)
         assert isinstance(est, metagrad.MetaGradEstimator), name
         assert est.name == name and factory is metagrad.ESTIMATORS[name]

@@ -1,8 +1,9 @@
 """A preset end to end on one GPU, Omniglot 5-way 1-shot MAML
 (``conf/experiment/maml_omniglot_5w1s.yaml``) by default, any preset with ``--preset`` (the
 image benchmarks' too, with their data folder: ``--preset maml_miniimagenet_5w1s --data-dir
-/path/to/miniimagenet``): the preset is composed by Hydra's compose API (`experiments._hydra.compose_config`, as the
-CLI would), trained by `metagrad.experiment.train`, and summarised on stdout and in one JSON file.
+/path/to/miniimagenet``): the preset is composed by Hydra's compose API
+(`experiments._hydra.compose_config`, as the CLI would), trained by
+`metagrad.experiment.train`, and summarised on stdout and in one JSON file.
 
 With ``--time-budget-s`` a throwaway calibration run first trains two chunks
 (``train.chunk_steps`` meta-steps each) and takes the speed of the second (the first call also

@@ -38,6 +38,10 @@ ESTIMATORS = {
     "mamlpp": mamlpp,
     "reptile": reptile,
     "imaml": imaml,
+    "protonet": protonet,
+    "protomaml": protomaml,
+    "r2d2": r2d2,
+    "svm": svm,
 }
 
 

@@ -62,7 +62,8 @@ class TaskSource:
     kind: str  # "regression" or "classification"
     train_data: Any
     sample_train: Callable[[Any, jax.Array, int], Task]  # (data, key, meta_batch) -> Task batch
-    heldout: Callable[[str, int, int, int], Task]  # (split, num_tasks, shots, query) -> Task batch
+    # (split, num_tasks, shots, query[, ways]) -> Task batch; ways: eval.ways, else task.ways
+    heldout: Callable[..., Task]
     # Host streaming (a split too large for the device): an object whose
     # ``chunk(base_key, first_step, n)`` returns the per-step data of steps first_step .. +n-1
     # (leading axis n, on the device, prefetched), each step's slice passed to ``sample_train``
@@ -80,8 +81,8 @@ def build_task_source(cfg) -> TaskSource:
         def sample_train(data, key, batch_size):
             return sinusoid.sample_batch_flat(key, batch_size, shots=t.shots, query=t.query)
 
-        @partial(jax.jit, static_argnums=(0, 1, 2, 3))  # one compilation, not one per op
-        def heldout(split, num_tasks, shots, query):
+        @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))  # one compilation, not one per op
+        def heldout(split, num_tasks, shots, query, ways=None):
             return sinusoid.sample_batch_flat(
                 sinusoid.heldout_key(split), num_tasks, shots=shots, query=query
             )
@@ -102,10 +103,12 @@ def omniglot_task_source(cfg) -> TaskSource:
     t = cfg.task
     splits = omniglot.omniglot_splits(t.data_dir, cache_dir=t.cache_dir, split=str(t.split))
     e = cfg.eval
+    eval_ways = e.ways or t.ways
     for name in ("train", "val", "test"):  # raises a clear error for ways/shots/query too large
         shots = t.shots if name == "train" else (e.shots or t.shots)
         query = t.query if name == "train" else (e.query or t.query)
-        omniglot.make_sampler(splits[name], ways=t.ways, shots=shots, query=query)
+        ways = t.ways if name == "train" else eval_ways
+        omniglot.make_sampler(splits[name], ways=ways, shots=shots, query=query)
     train_images = jnp.asarray(splits["train"])
 
     finish = with_support_context if _support_context(cfg) else (lambda task: task)
@@ -118,8 +121,9 @@ def omniglot_task_source(cfg) -> TaskSource:
             )(keys)
         )
 
-    def heldout(split, num_tasks, shots, query):
-        sampler = omniglot.make_sampler(splits[split], ways=t.ways, shots=shots, query=query)
+    def heldout(split, num_tasks, shots, query, ways=None):
+        ways = ways or eval_ways
+        sampler = omniglot.make_sampler(splits[split], ways=ways, shots=shots, query=query)
         return finish(sampler.sample_batch(jax.random.key(HELDOUT_SEEDS[split]), num_tasks))
 
     return TaskSource("classification", train_images, sample_train, heldout)
@@ -159,6 +163,7 @@ def image_benchmark_source(cfg) -> TaskSource:
         query=t.query,
         eval_shots=e.shots or t.shots,
         eval_query=e.query or t.query,
+        eval_ways=e.ways or t.ways,
         meta_batch_size=cfg.train.meta_batch_size,
         sampling=str(t.sampling),
         device_budget_bytes=budget,
@@ -189,7 +194,9 @@ def build_model(cfg, key: jax.Array) -> Model:
         module = nnx.jit(lambda k: cls(1, tuple(m.hidden), 1, rngs=nnx.Rngs(params=k)))(key)
         params, apply = mnn.functional(module)
         return Model(params, apply, mnn.mse_loss(apply), None, False)
-    in_channels, ways = type(cfg.task).IN_CHANNELS, cfg.task.ways
+    in_channels = type(cfg.task).IN_CHANNELS
+    # ProtoNets and the closed-form heads fit their classifier to each support set: no head.
+    ways = None if cfg.algo.EMBEDDING else cfg.task.ways
     common = dict(
         conv_impl=str(m.conv_impl), bn_policy=str(m.bn_policy), steps=max(steps, 1), rngs=rngs
     )
@@ -210,6 +217,8 @@ def build_model(cfg, key: jax.Array) -> Model:
             **common,
         )
     params, apply = mnn.functional(module)
+    if cfg.algo.EMBEDDING:  # these estimators take the embedding where others take a loss
+        return Model(params, apply, apply, None, False)
     step_arg = m.bn_policy == BNPolicy.per_step
     return Model(params, apply, mnn.cross_entropy_loss(apply), mnn.accuracy(apply), step_arg)
 
@@ -226,13 +235,20 @@ def inner_mask(cfg, params):
     return None
 
 
-def build_estimator(cfg, model: Model) -> MetaGradEstimator:
+def build_estimator(cfg, model: Model, *, steps: int | None = None) -> MetaGradEstimator:
     """The estimator of ``algo`` (``cfg.algo.estimator_name()``, the registry's ``algo.name``
     unless ``algo.grad_mode`` picks another): the inner loop the config describes and the
-    algorithm's own keywords (``cfg.algo.estimator_kwargs()``)."""
+    algorithm's own keywords (``cfg.algo.estimator_kwargs()``); ``steps`` overrides
+    ``inner.steps`` (Proto-MAML evaluated at another step count)."""
     a, inner = cfg.algo, cfg.inner
+    steps = inner.steps if steps is None else steps
+    if a.EMBEDDING:
+        kw = a.estimator_kwargs()
+        if a.INNER_LOOP:
+            kw.update(steps=steps, lr=inner.lr, remat=inner.remat)
+        return make_estimator(a.name, **kw)
     kw = dict(
-        steps=inner.steps,
+        steps=steps,
         remat=inner.remat,
         metrics_fn=model.metrics_fn,
         mask=inner_mask(cfg, model.params),
@@ -278,8 +294,12 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
 
 def initial_meta_params(cfg, model: Model) -> MetaParams:
     """The model's initial parameters and, for Meta-SGD and MAML++, learned inner rates
-    initialised at ``inner.lr`` (per entry or per tensor, per step for MAML++)."""
+    initialised at ``inner.lr`` (per entry or per tensor, per step for MAML++); for R2D2 and the
+    SVM, ``{"backbone": params, "head": their learned head}``."""
     a = cfg.algo
+    head = a.initial_head() if a.EMBEDDING else None
+    if head is not None:  # R2D2's and the SVM's learned scale (and lambda) beside the backbone
+        return MetaParams({"backbone": model.params, "head": head})
     if not a.learns_lr:
         return MetaParams(model.params)
     steps = cfg.inner.steps if a.per_step_rates else None

@@ -202,7 +202,7 @@ def check_heldout_memory(exp) -> None:
     for split, key, n in (("val", "eval.val_tasks", e.val_tasks), ("test", "eval.tasks", e.tasks)):
         shape = jax.eval_shape(
             lambda split=split, n=n: exp.source.heldout(
-                split, n, e.shots or t.shots, e.query or t.query
+                split, n, e.shots or t.shots, e.query or t.query, e.ways
             )
         )
         need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shape))

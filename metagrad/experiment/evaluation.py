@@ -42,7 +42,14 @@ def make_curve_fn(
     its rates, mask, per-step settings and, for iMAML, proximal term), so the curve at the
     training step count is the training objective's post-adaptation loss.
     ``curves.path(meta_params, support)`` gives the adapted parameters themselves.
+
+    An estimator without an inner loop of its own (``estimator.inner is None``: ProtoNets, R2D2,
+    the SVM, Proto-MAML) is scored by its objective, whose classifier is fitted to each support
+    set: ``loss`` and ``acc`` (its ``loss_post``, ``acc_post``) repeated over the columns, since
+    nothing adapts step by step; ``curves.path`` is None.
     """
+    if estimator.inner is None:
+        return _objective_curves(estimator, loss_fn, steps=steps, batch_size=batch_size)
     step_arg = estimator.inner is not None and estimator.inner.step_arg
     at_step = with_step(loss_fn, step_arg)
 
@@ -75,6 +82,25 @@ def make_curve_fn(
         return compiled(meta_params, tasks)
 
     curves.path = jax.jit(path)  # for plots: the adapted parameters themselves
+    return curves
+
+
+def _objective_curves(estimator, embed_fn, *, steps: int, batch_size: int) -> Callable:
+    def one_task(meta_params, task: Task):
+        _, metrics = estimator.objective(embed_fn, meta_params, task, 0)
+        out = {"loss": metrics["loss_post"], "acc": metrics["acc_post"]}
+        return {k: jnp.broadcast_to(v, (steps + 1,)) for k, v in out.items()}
+
+    compiled = jax.jit(
+        lambda meta_params, tasks: lax.map(
+            lambda t: one_task(meta_params, t), tasks, batch_size=batch_size
+        )
+    )
+
+    def curves(meta_params, tasks):
+        return compiled(meta_params, tasks)
+
+    curves.path = None
     return curves
 
 

@@ -81,6 +81,7 @@ def image_task_source(
     query: int,
     eval_shots: int | None = None,
     eval_query: int | None = None,
+    eval_ways: int | None = None,
     meta_batch_size: int,
     sampling: str = "auto",
     device_budget_bytes: int | None = None,
@@ -103,15 +104,15 @@ def image_task_source(
     ``support_context`` given the support images in the query batch (the ``"support"``
     batch-norm policy, :func:`metagrad.nn.losses.with_support_context`).
 
-    Held-out: ``heldout(split, num_tasks, shots, query)`` draws ``num_tasks`` tasks from
+    Held-out: ``heldout(split, num_tasks, shots, query, ways=None)`` draws ``num_tasks`` tasks from
     ``jax.random.key(HELDOUT_SEEDS[split])``, the tasks ``fewshot.make_sampler(...).sample_batch``
     gives from that key, gathered on the host (only the tasks reach the device), never
     augmented.
 
     Args:
         data: an ``ImageSetData`` (``images`` and ``counts`` per split; ``"train"`` required).
-        ways, shots, query: the training task; eval_shots, eval_query: the held-out tasks'
-            (default: the training ones).
+        ways, shots, query: the training task; eval_ways, eval_shots, eval_query: the
+            held-out tasks' (default: the training ones).
         meta_batch_size: tasks per meta-step (``train.meta_batch_size``).
         sampling: ``"auto"``, ``"device"`` or ``"host"`` (see :func:`resolve_sampling`).
         device_budget_bytes: the budget of ``"auto"``.
@@ -146,16 +147,15 @@ def image_task_source(
     if "train" not in splits:
         raise ValueError("image_task_source: the data has no 'train' split")
     eval_shots, eval_query = eval_shots or shots, eval_query or query
+    eval_ways = eval_ways or ways
     for split, images in splits.items():
         if np.ndim(images) != 5:
             raise ValueError(
                 f"the {split} split must be (classes, images, H, W, C), got {np.shape(images)}"
             )
-        s, q = (shots, query) if split == "train" else (eval_shots, eval_query)
+        w, s, q = (ways, shots, query) if split == "train" else (eval_ways, eval_shots, eval_query)
         try:
-            fewshot.check_task_size(
-                *np.shape(images)[:2], counts[split], ways=ways, shots=s, query=q
-            )
+            fewshot.check_task_size(*np.shape(images)[:2], counts[split], ways=w, shots=s, query=q)
         except ValueError as err:
             raise ValueError(f"the {split} split: {err}") from None
     augment = _augment_options(augment)
@@ -205,17 +205,25 @@ def image_task_source(
 
     heldout_fns: dict[tuple, object] = {}
 
-    def heldout(split: str, num_tasks: int, shots_: int, query_: int):
+    def heldout(split: str, num_tasks: int, shots_: int, query_: int, ways_: int | None = None):
         if split not in splits:
             raise ValueError(f"the data has no {split!r} split")
-        spec = (split, num_tasks, shots_, query_)
+        ways_ = ways_ or eval_ways
+        spec = (split, num_tasks, shots_, query_, ways_)
         if spec not in heldout_fns:
             images = splits[split]
             fewshot.check_task_size(
-                *np.shape(images)[:2], counts[split], ways=ways, shots=shots_, query=query_
+                *np.shape(images)[:2], counts[split], ways=ways_, shots=shots_, query=query_
             )
             heldout_fns[spec] = _heldout_fn(
-                images, counts[split], HELDOUT_SEEDS[split], num_tasks, ways, shots_, query_, finish
+                images,
+                counts[split],
+                HELDOUT_SEEDS[split],
+                num_tasks,
+                ways_,
+                shots_,
+                query_,
+                finish,
             )
         return heldout_fns[spec]()
 

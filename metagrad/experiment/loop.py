@@ -94,27 +94,37 @@ class Experiment:
             build.initial_meta_params(cfg, model),
         )
 
-    def curve_fn(self, *, steps: int):
-        if steps in self._curve_fns:  # one compilation per run, not one per validation
-            return self._curve_fns[steps]
-        self._curve_fns[steps] = make_curve_fn(
-            self.estimator,
+    def curve_fn(self, *, steps: int, post: int | None = None):
+        """The compiled held-out curves over ``steps`` inner steps. An algorithm whose
+        estimator has no inner loop of its own but adapts (Proto-MAML) is scored by its
+        objective at ``post`` inner steps instead."""
+        a = self.cfg.algo
+        adapts_inside = a.EMBEDDING and a.INNER_LOOP and post is not None
+        key = (steps, post if adapts_inside else None)
+        if key in self._curve_fns:  # one compilation per run, not one per validation
+            return self._curve_fns[key]
+        estimator = self.estimator
+        if adapts_inside and post != self.cfg.inner.steps:
+            estimator = build.build_estimator(self.cfg, self.model, steps=post)
+        self._curve_fns[key] = make_curve_fn(
+            estimator,
             self.model.loss_fn,
             self.model.metrics_fn,
             steps=steps,
             batch_size=self.cfg.eval.batch_size,
         )
-        return self._curve_fns[steps]
+        return self._curve_fns[key]
 
     def evaluate(self, meta_params, split: str, num_tasks: int, prefix: str) -> dict:
         e = self.cfg.eval
         post = self.cfg.inner.steps if e.inner_steps is None else e.inner_steps
         steps = max(post, e.curve_steps)
+        t = self.cfg.task
         tasks = self.source.heldout(
-            split, num_tasks, e.shots or self.cfg.task.shots, e.query or self.cfg.task.query
+            split, num_tasks, e.shots or t.shots, e.query or t.query, e.ways
         )
         block = min(e.batch_size, num_tasks)
-        curves = _in_blocks(self.curve_fn(steps=steps), meta_params, tasks, block)
+        curves = _in_blocks(self.curve_fn(steps=steps, post=post), meta_params, tasks, block)
         out = summarize(curves, post, prefix)
         out[f"{prefix}_inner_steps"] = post
         return out
@@ -335,6 +345,7 @@ def _train(cfg, run: Run, primary: bool) -> dict:
         )
     finally:
         trace.close()
+        chunks.close()  # frees a host stream's chunks prefetched past the last step
     bar.close()
     if run.ckpt.latest_step() is None:  # train.steps == 0: still leave a checkpoint to evaluate
         run.ckpt.save_last(step, state, best_val=best_val)

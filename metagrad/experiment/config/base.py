@@ -61,6 +61,11 @@ class GradMode(StrEnum):
     es = "es"  # antithetic evolution strategies on the unrolled objective (zero order)
 
 
+class Distance(StrEnum):
+    euclidean = "euclidean"  # squared, Snell et al.'s
+    cosine = "cosine"
+
+
 class TieredLayout(StrEnum):
     png = "png"  # Ren et al.'s {split}_images_png.pkl
     npz = "npz"  # the common re-packs

@@ -11,6 +11,7 @@ from metagrad.experiment.config.base import (
     ChannelOrder,
     ConvImpl,
     Curvature,
+    Distance,
     Downsample,
     GradMode,
     Node,
@@ -345,6 +346,10 @@ class AlgoConfig(Option):
     HEAD_ONLY: ClassVar[bool] = False  # ANIL: only the head adapts
     PASSES_STEP: ClassVar[bool] = False  # the inner loop passes its step index to the model
     MIN_INNER_STEPS: ClassVar[int] = 0
+    # Over a head-less embedding, the classifier built from each task's support set
+    # (ProtoNets, R2D2, MetaOptNet-SVM, Proto-MAML): classification tasks only.
+    EMBEDDING: ClassVar[bool] = False
+    INNER_LOOP: ClassVar[bool] = True  # takes the inner loop's steps, rate and remat
 
     @property
     def learns_lr(self) -> bool:
@@ -583,6 +588,107 @@ class IMAMLConfig(AlgoConfig):
         )
 
 
+@dataclass
+class _EmbeddingAlgo(AlgoConfig):
+    """An algorithm whose classifier comes from the support set of each task, over a head-less
+    embedding (``metagrad.estimators.protonet`` and ``heads``)."""
+
+    EMBEDDING: ClassVar[bool] = True
+    INNER_LOOP: ClassVar[bool] = False
+
+    def initial_head(self) -> dict | None:
+        """Learned head parameters beside the backbone's (``{"backbone", "head"}``), or None."""
+        return None
+
+
+@dataclass
+class ProtoNetConfig(_EmbeddingAlgo):
+    """``algo/protonet``: Prototypical Networks (Snell et al. 2017), logits minus the squared
+    distance to each class mean of the support embeddings (or the scaled cosine)."""
+
+    NAME: ClassVar[str] = "protonet"
+    name: str = "protonet"
+    distance: Distance = Distance.euclidean
+    scale: float | None = None  # the logits' scale: default 1 (euclidean), 10 (cosine)
+
+    def check(self):
+        super().check()
+        self.need("scale", optional(lambda v: finite(v) and v > 0), "must be positive or null")
+
+    def estimator_kwargs(self) -> dict:
+        return dict(distance=str(self.distance), scale=self.scale)
+
+
+@dataclass
+class ProtoMAMLConfig(_EmbeddingAlgo):
+    """``algo/protomaml``: Proto-MAML (Triantafillou et al. 2020), a linear head initialised from
+    the prototypes, then MAML's inner loop (``inner.steps`` at ``inner.lr``)."""
+
+    NAME: ClassVar[str] = "protomaml"
+    INNER_LOOP: ClassVar[bool] = True
+    name: str = "protomaml"
+    first_order: bool = False
+    head_only: bool = False  # adapt the head alone (ANIL-style)
+
+    def estimator_kwargs(self) -> dict:
+        return dict(first_order=self.first_order, head_only_adapt=self.head_only)
+
+
+@dataclass
+class R2D2Config(_EmbeddingAlgo):
+    """``algo/r2d2``: R2D2 (Bertinetto et al. 2019), ridge regression of the support embeddings
+    onto one-hot labels in closed form (Woodbury), then a learned scale and bias."""
+
+    NAME: ClassVar[str] = "r2d2"
+    name: str = "r2d2"
+    lam: float | None = None  # the ridge's lambda; null: learned, from init_lam
+    init_lam: float = 1.0
+    init_scale: float = 10.0  # the adjust layer's scale at the start
+    fit_bias: bool = True
+
+    def check(self):
+        super().check()
+        self.need("lam", optional(lambda v: finite(v) and v > 0), "must be positive or null")
+        self.need("init_lam", lambda v: finite(v) and v > 0, "must be positive and finite")
+        self.need("init_scale", lambda v: finite(v) and v > 0, "must be positive and finite")
+
+    def estimator_kwargs(self) -> dict:
+        return dict(lam=self.lam, fit_bias=self.fit_bias)
+
+    def initial_head(self) -> dict:
+        from metagrad.estimators.heads import r2d2_head
+
+        return r2d2_head(scale=self.init_scale, lam=None if self.lam is not None else self.init_lam)
+
+
+@dataclass
+class SVMConfig(_EmbeddingAlgo):
+    """``algo/svm``: MetaOptNet-SVM (Lee et al. 2019), a Crammer-Singer multi-class SVM fitted to
+    the support embeddings in the dual and differentiated implicitly, then a learned scale."""
+
+    NAME: ClassVar[str] = "svm"
+    name: str = "svm"
+    c: float = 0.1  # the SVM's cost
+    kernel_ridge: float = 1.0
+    iters: int = 200  # dual solver iterations
+    init_scale: float = 1.0
+
+    def check(self):
+        super().check()
+        self.need("c", lambda v: finite(v) and v > 0, "must be positive and finite")
+        self.need("kernel_ridge", lambda v: finite(v) and v >= 0, "must be >= 0 and finite")
+        self.need("iters", positive_int, "must be a positive integer")
+        self.need("init_scale", lambda v: finite(v) and v > 0, "must be positive and finite")
+
+    def estimator_kwargs(self) -> dict:
+        return dict(c=self.c, kernel_ridge=self.kernel_ridge, iters=self.iters)
+
+    def initial_head(self) -> dict:
+        from metagrad.estimators.heads import svm_head
+
+        return svm_head(scale=self.init_scale)
+
+
 # ---------------------------------------------------------------------------------------------
 # The root, and the registry of group options (what `experiments/_hydra.py` stores).
 
@@ -610,6 +716,10 @@ ALGOS: dict[str, type[AlgoConfig]] = {
         MAMLppConfig,
         ReptileConfig,
         IMAMLConfig,
+        ProtoNetConfig,
+        ProtoMAMLConfig,
+        R2D2Config,
+        SVMConfig,
     )
 }
 GROUP_OPTIONS: dict[str, dict[str, type[Node]]] = {"task": TASKS, "model": MODELS, "algo": ALGOS}

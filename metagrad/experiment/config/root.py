@@ -135,6 +135,7 @@ class EvalConfig(Node):
     KEY: ClassVar[str] = "eval"
     tasks: int = 600
     val_tasks: int = 200
+    ways: int | None = None  # default: task.ways (another only where no head is trained)
     shots: int | None = None  # default: task.shots
     query: int | None = 100  # default (null): task.query
     inner_steps: int | None = None  # default: inner.steps
@@ -146,7 +147,7 @@ class EvalConfig(Node):
     def check(self):
         for name in ("tasks", "val_tasks", "batch_size"):
             self.need(name, positive_int, "must be a positive integer")
-        for name in ("shots", "query"):
+        for name in ("ways", "shots", "query"):
             self.need(name, optional(positive_int), "must be a positive integer or null")
         self.need("inner_steps", optional(nonneg_int), "must be >= 0 or null")
         self.need("curve_steps", nonneg_int, "must be >= 0")
@@ -248,6 +249,22 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             f"model.name={model.name!r}: task {task.name} needs "
             f"{'an mlp' if isinstance(task, SinusoidConfig) else 'a conv4 or resnet12'} model"
+        )
+    if algo.EMBEDDING and isinstance(task, SinusoidConfig):
+        raise ConfigError(
+            f"algo={algo.name}: fits a classifier to each support set, so it needs a "
+            "classification task (task=omniglot or an image benchmark), not sinusoid"
+        )
+    if algo.EMBEDDING and isinstance(model, Conv4QuantConfig):
+        raise ConfigError(
+            f"model=conv4_quant: algo={algo.name} needs a head-less conv4 or resnet12"
+        )
+    ways = cfg.eval.ways
+    if ways is not None and not (algo.EMBEDDING and ways >= 2 and hasattr(task, "ways")):
+        raise ConfigError(
+            f"eval.ways={ways}: testing at another number of ways than task.ways needs a "
+            "classification task and an algorithm without a trained head (protonet, protomaml, "
+            "r2d2, svm), and at least 2"
         )
     if isinstance(model, Conv4QuantConfig) and (
         model.pool != Pool.mean or model.maxpool_padding != Padding.SAME
