@@ -1,5 +1,5 @@
 """The baselines from the command line on the real Omniglot (``../shared/data/omniglot``): each of
-``algo=protonet|protomaml|r2d2|svm`` trains a head-less Conv4 for a few meta-steps and tests
+``algo=protonet|protomaml|r2d2|svm|finetune`` trains a head-less Conv4 for a few meta-steps and tests
 above chance, with ProtoNets trained at more ways than it is tested at (``eval.ways``)."""
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ TINY = [
         ("protomaml", []),
         ("r2d2", []),
         ("svm", ["algo.iters=50"]),
+        ("finetune", []),  # 4 x 64 training images (of 4,400 classes) a step
     ],
 )
 def test_baseline_learns_above_chance_on_omniglot(omniglot_dir, tmp_path, algo, extra):

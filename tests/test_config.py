@@ -308,6 +308,8 @@ def test_each_algorithm_builds_its_registry_estimator():
         validate(cfg)
         model = build_model(cfg, jax.random.key(0))
         assert build_estimator(cfg, model).name == name
+        if name == "finetune":  # its classifier covers the data's classes: needs the data
+            continue
         meta = initial_meta_params(cfg, model)
         assert (meta.lr is not None) == cfg.algo.learns_lr
         assert ("backbone" in meta.params) == (name in ("r2d2", "svm"))  # beside learned heads

@@ -14,6 +14,7 @@ from metagrad.estimators.base import (
     learned_rates,
 )
 from metagrad.estimators.es import es, es_grad, pes
+from metagrad.estimators.finetune import finetune
 from metagrad.estimators.heads import r2d2, r2d2_head, svm, svm_head
 from metagrad.estimators.imaml import imaml
 from metagrad.estimators.implicit import implicit, proximal_optimality
@@ -42,6 +43,7 @@ ESTIMATORS = {
     "protomaml": protomaml,
     "r2d2": r2d2,
     "svm": svm,
+    "finetune": finetune,
 }
 
 
@@ -67,6 +69,7 @@ __all__ = [
     "MetaGradEstimator",
     "anil",
     "check_meta_params",
+    "finetune",
     "es",
     "es_grad",
     "evaluate_tasks",

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from metagrad._types import Task
-from metagrad.estimators.base import check_meta_params
+from metagrad._types import MetaParams, Task
+from metagrad.estimators.base import MetaGradEstimator, check_meta_params
 from metagrad.estimators.protonet import EmbedFn, classification_metrics, embed
 
 
@@ -283,3 +283,59 @@ __all__ = [
     "probe",
     "supervised_batch",
 ]
+
+
+def finetune(
+    *,
+    cosine: bool = False,
+    scale: float | None = None,
+    normalize: bool = False,
+    l2: float = 1e-2,
+    iters: int = 100,
+    ways: int | None = None,
+    name: str = "finetune",
+) -> MetaGradEstimator:
+    r"""The fine-tuning baselines as an estimator, so the trainer, its checkpoints and the
+    held-out evaluation serve them as they serve MAML: Baseline (linear), Baseline++
+    (``cosine=True``) and RFS (``normalize=True``).
+
+    ``value_and_grad`` is pre-training's: for a "task" whose support set is a batch of training
+    images with their *global* labels (:func:`supervised_batch`), the gradient of
+    :func:`pretrain_loss` with respect to ``MetaParams({"backbone", "classifier"})``. It is
+    not the gradient of ``objective``, which is the test-time score: the classifier dropped,
+    a logistic head fitted to each held-out task's support embeddings (:func:`probe`), nothing
+    differentiated. The metrics of a pre-training step are ``loss_post`` and ``acc_post`` on
+    the batch.
+
+    Example:
+        >>> from metagrad import MetaParams, Task
+        >>> est = finetune()
+        >>> embed_fn = lambda w, x: x @ w
+        >>> classifier = init_classifier(jax.random.key(0), 2, 3)
+        >>> params = {"backbone": jnp.eye(2), "classifier": classifier}
+        >>> batch = (jnp.ones((4, 2)), jnp.array([0, 1, 2, 0]))
+        >>> (loss, m), g = est.value_and_grad(embed_fn, MetaParams(params), Task(batch, batch), 0)
+        >>> sorted(g.params), m["acc_post"].shape
+        (['backbone', 'classifier'], ())
+    """
+    test_score = probe(
+        l2=l2, iters=iters, cosine=cosine, scale=scale, normalize=normalize, ways=ways
+    )
+
+    def pretrain_objective(embed_fn, meta_params, task, step):
+        check_meta_params(meta_params)
+        params = meta_params.params
+        z, y = embed(embed_fn, params["backbone"], task.support)  # RFS normalises at test only
+        logits = classifier_logits(params["classifier"], z, cosine=cosine, scale=scale)
+        return classification_metrics(logits, y)
+
+    def value_and_grad(embed_fn, meta_params, task, step):
+        return jax.value_and_grad(pretrain_objective, argnums=1, has_aux=True)(
+            embed_fn, meta_params, task, step
+        )
+
+    def objective(embed_fn, meta_params, task, step):
+        backbone = MetaParams(meta_params.params["backbone"])
+        return test_score(embed_fn, backbone, task, step)
+
+    return MetaGradEstimator(name, objective, value_and_grad, None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -27,9 +27,11 @@ from metagrad.experiment.config import (
     Conv4Config,
     Conv4QuantConfig,
     Curvature,
+    FinetuneConfig,
     ImageTaskConfig,
     IMAMLConfig,
     MLPQuantConfig,
+    OmniglotConfig,
     OuterOptimizer,
     ResNet12Config,
     Schedule,
@@ -72,9 +74,45 @@ class TaskSource:
     # What run_info.json records of the data ("data"): the data set, the container read, its
     # fingerprint (sha256 of the decoded splits) and the classes and images per split.
     info: dict = field(default_factory=dict)
+    train_counts: Any = None  # images per training class where they differ (image benchmarks)
+    train_classes: int | None = None  # algo=finetune: the classes its classifier covers
 
 
 def build_task_source(cfg) -> TaskSource:
+    source = _episodic_source(cfg)
+    if isinstance(cfg.algo, FinetuneConfig):
+        return supervised_source(cfg, source)
+    return source
+
+
+def supervised_source(cfg, source: TaskSource) -> TaskSource:
+    """``algo=finetune``'s training batches: each of ``train.meta_batch_size`` "tasks" a batch
+    of ``algo.batch_size`` training images with their global labels (Omniglot: character and
+    rotation, ``4 c + r``), from the same device-held split as the episodic tasks; the held-out
+    tasks are the episodic ones."""
+    from metagrad.estimators.finetune import supervised_batch
+
+    if source.stream is not None:
+        raise ConfigError(
+            "task.sampling=host: algo=finetune pre-trains on batches of the training split held "
+            "on the device; set task.sampling=device (and task.device_budget_mb if needed)"
+        )
+    rotations = isinstance(cfg.task, OmniglotConfig)
+    counts = None if source.train_counts is None else jnp.asarray(source.train_counts)
+    size = cfg.algo.batch_size
+
+    def sample_train(images, key, batch):
+        def one(k):
+            return supervised_batch(images, k, size, rotations=rotations, counts=counts)
+
+        x, y = jax.vmap(one)(jax.random.split(key, batch))
+        return Task((x, y), (x, y))
+
+    classes = source.train_data.shape[0] * (4 if rotations else 1)
+    return replace(source, sample_train=sample_train, train_classes=classes)
+
+
+def _episodic_source(cfg) -> TaskSource:
     t = cfg.task
     if isinstance(t, SinusoidConfig):
 
@@ -171,6 +209,8 @@ def image_benchmark_source(cfg) -> TaskSource:
         support_context=_support_context(cfg),
         prefetch=t.prefetch,
     )
+    counts = np.asarray(data.counts["train"])
+    source.train_counts = None if np.all(counts == counts.max()) else counts
     source.info = dict(
         dataset=data.name,
         data_dir=str(data_dir),
@@ -292,11 +332,23 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
     return opt
 
 
-def initial_meta_params(cfg, model: Model) -> MetaParams:
+def initial_meta_params(cfg, model: Model, source: TaskSource | None = None) -> MetaParams:
     """The model's initial parameters and, for Meta-SGD and MAML++, learned inner rates
     initialised at ``inner.lr`` (per entry or per tensor, per step for MAML++); for R2D2 and the
-    SVM, ``{"backbone": params, "head": their learned head}``."""
+    SVM, ``{"backbone": params, "head": their learned head}``; for the fine-tuning baselines,
+    ``{"backbone": params, "classifier": ...}`` over the ``source``'s training classes."""
     a = cfg.algo
+    if isinstance(a, FinetuneConfig):
+        from metagrad.estimators.finetune import init_classifier
+
+        if source is None or source.train_classes is None:
+            raise ValueError("algo=finetune: initial_meta_params needs the task source")
+        batch = jax.eval_shape(lambda: source.sample_train(source.train_data, jax.random.key(0), 1))
+        x = jax.ShapeDtypeStruct((1, *batch.support[0].shape[2:]), jnp.float32)
+        dim = jax.eval_shape(model.apply, model.params, x).shape[-1]
+        key = jax.random.key(cfg.seed + 2)  # seed: the model, seed + 1: the task stream
+        classifier = init_classifier(key, dim, source.train_classes, cosine=a.cosine)
+        return MetaParams({"backbone": model.params, "classifier": classifier})
     head = a.initial_head() if a.EMBEDDING else None
     if head is not None:  # R2D2's and the SVM's learned scale (and lambda) beside the backbone
         return MetaParams({"backbone": model.params, "head": head})

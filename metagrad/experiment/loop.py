@@ -91,7 +91,7 @@ class Experiment:
             source,
             build.build_estimator(cfg, model),
             build.build_optimizer(cfg),
-            build.initial_meta_params(cfg, model),
+            build.initial_meta_params(cfg, model, source),
         )
 
     def curve_fn(self, *, steps: int, post: int | None = None):

@@ -689,6 +689,35 @@ class SVMConfig(_EmbeddingAlgo):
         return svm_head(scale=self.init_scale)
 
 
+@dataclass
+class FinetuneConfig(_EmbeddingAlgo):
+    """``algo/finetune``: the fine-tuning baselines (Baseline, Chen et al. 2019; Baseline++ with
+    ``cosine=true``; RFS, Tian et al. 2020, with ``normalize=true``): supervised pre-training of
+    the backbone and a classifier over all training classes (each of ``train.meta_batch_size``
+    "tasks" a batch of ``batch_size`` training images with their global labels; Omniglot's
+    rotations are classes of their own), then at test a logistic-regression head fitted to each
+    task's support embeddings (``probe_l2``, ``probe_iters`` L-BFGS steps)."""
+
+    NAME: ClassVar[str] = "finetune"
+    name: str = "finetune"
+    batch_size: int = 64  # images per pre-training batch
+    cosine: bool = False  # Baseline++'s cosine classifier
+    normalize: bool = False  # RFS: unit-length embeddings at test
+    probe_l2: float = 0.01
+    probe_iters: int = 100
+
+    def check(self):
+        super().check()
+        self.need("batch_size", positive_int, "must be a positive integer")
+        self.need("probe_l2", lambda v: finite(v) and v >= 0, "must be >= 0 and finite")
+        self.need("probe_iters", positive_int, "must be a positive integer")
+
+    def estimator_kwargs(self) -> dict:
+        return dict(
+            cosine=self.cosine, normalize=self.normalize, l2=self.probe_l2, iters=self.probe_iters
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # The root, and the registry of group options (what `experiments/_hydra.py` stores).
 
@@ -720,6 +749,7 @@ ALGOS: dict[str, type[AlgoConfig]] = {
         ProtoMAMLConfig,
         R2D2Config,
         SVMConfig,
+        FinetuneConfig,
     )
 }
 GROUP_OPTIONS: dict[str, dict[str, type[Node]]] = {"task": TASKS, "model": MODELS, "algo": ALGOS}
