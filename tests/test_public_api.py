@@ -99,7 +99,7 @@ def test_every_public_name_exists_and_is_documented():
         if name == "ESTIMATORS":  # a dict: documented by its module and by make_estimator
             assert set(obj) == {
                 *("maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"),
-                *("protonet", "protomaml", "r2d2", "svm"),
+                *("protonet", "protomaml", "r2d2", "svm", "finetune"),
             }
             continue
         assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
@@ -108,7 +108,7 @@ def test_every_public_name_exists_and_is_documented():
 def test_estimator_registry_builds_every_estimator():
     for name, factory in metagrad.ESTIMATORS.items():
         kwargs = {"steps": 1} if name == "metasgd" else {"steps": 1, "lr": 0.1}  # learns its lr
-        if name in ("protonet", "r2d2", "svm"):  # no inner loop: the classifier is fitted
+        if name in ("protonet", "r2d2", "svm", "finetune"):  # no inner loop: a fitted classifier
             kwargs = {}
         est = metagrad.make_estimator(name, **kwargs)
         assert isinstance(est, metagrad.MetaGradEstimator), name
