@@ -46,6 +46,7 @@ SMALL = {
         "meta_batch": 4,
         "eval_tasks": 50,
     },
+    "07_implicit_hyperparameters": {"meta_steps": 100, "n_test": 200},
 }
 
 
