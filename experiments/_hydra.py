@@ -15,6 +15,8 @@ import difflib
 import logging
 import os
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -451,3 +453,14 @@ def quiet_library_logs() -> None:
     INFO: a training log wants neither. Called by the entry points, never at import."""
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
+def exit_when_threads_end(status: int, timeout: float = 30.0):
+    """``sys.exit(status)`` once the other non-daemon threads have ended (``timeout`` seconds at
+    most): at interpreter shutdown ``concurrent.futures`` refuses new work, so a library thread
+    still finishing (orbax's) would print a traceback under the one-line error."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    sys.exit(status)

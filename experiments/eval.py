@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from experiments._hydra import quiet_library_logs, saved_config_with
+from experiments._hydra import exit_when_threads_end, quiet_library_logs, saved_config_with
 from metagrad.experiment.config import GROUP_OPTIONS, Config, ConfigError
 
 USAGE = "usage: python experiments/eval.py run_dir=PATH [key=value ...]"
@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
         MemoryEstimateError,
     ) as e:  # ConfigError, CheckpointError, data
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_when_threads_end(2)
     except KeyboardInterrupt:
         print(f"stopped: evaluation of {run_dir} interrupted; nothing written", file=sys.stderr)
-        sys.exit(130)
+        exit_when_threads_end(130)
     name = output_name(overrides)
     write_results(exp, run_dir, results, name)
     steps = results["eval_inner_steps"]

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments._hydra import (
     CommandLine,
     check_command_line,
+    exit_when_threads_end,
     one_line,
     quiet_library_logs,
     resume_config,
@@ -56,13 +57,13 @@ def main(dict_cfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)  # refused: nothing trained
         if COMMAND.new_run_dir is not None:  # nor left behind: Hydra's files included
             shutil.rmtree(COMMAND.new_run_dir, ignore_errors=True)
-        sys.exit(2)
+        exit_when_threads_end(2)
     except (NonFiniteLoss, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_when_threads_end(1)
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(130)
+        exit_when_threads_end(130)
     keys = [
         k
         for k in ("eval_loss_pre", "eval_loss_post", "eval_acc_pre", "eval_acc_post")
