@@ -1,6 +1,7 @@
-"""The baselines from the command line on the real Omniglot (``../shared/data/omniglot``): each of
-``algo=protonet|protomaml|r2d2|svm|finetune`` trains a head-less Conv4 for a few meta-steps and tests
-above chance, with ProtoNets trained at more ways than it is tested at (``eval.ways``)."""
+"""The baselines from the command line on the real Omniglot (``../shared/data/omniglot``): each
+of ``algo=protonet|protomaml|r2d2|svm|finetune`` trains a head-less Conv4 for a few meta-steps
+and tests above chance, with ProtoNets trained at more ways than it is tested at
+(``eval.ways``)."""
 
 from __future__ import annotations
 
