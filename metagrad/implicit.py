@@ -79,6 +79,13 @@ def _dense(matvec: Callable, b: PyTree):
     return unravel(jnp.linalg.solve(matrix, flat_b))
 
 
+def _with_ridge(matvec: Callable, ridge: float) -> Callable:
+    """``v -> matvec(v) + ridge * v`` (``matvec`` itself when ``ridge`` is 0)."""
+    if ridge == 0:
+        return matvec
+    return lambda v: jax.tree.map(lambda a, x: a + ridge * x, matvec(v), v)
+
+
 def solve_linear(
     matvec: Callable,
     b: PyTree,
@@ -111,20 +118,14 @@ def solve_linear(
         ([0.2, 0.4], True)
     """
     _check_solve(solve, tol, maxiter, ridge, neumann_scale)
-    op = (
-        matvec if ridge == 0 else (lambda v: jax.tree.map(lambda a, x: a + ridge * x, matvec(v), v))
-    )
+    op = _with_ridge(matvec, ridge)
     metrics = {}
     if solve == "cg":
         u, _ = jax.scipy.sparse.linalg.cg(op, b, tol=tol, maxiter=maxiter)
     elif solve == "normal_cg":
         if rmatvec is None:
             raise ValueError("solve_linear: solve='normal_cg' needs rmatvec (the transpose)")
-        rop = (
-            rmatvec
-            if ridge == 0
-            else (lambda v: jax.tree.map(lambda a, x: a + ridge * x, rmatvec(v), v))
-        )
+        rop = _with_ridge(rmatvec, ridge)
         w, _ = jax.scipy.sparse.linalg.cg(lambda v: op(rop(v)), b, tol=tol, maxiter=maxiter)
         u = rop(w)
     elif solve == "gmres":

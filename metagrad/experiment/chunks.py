@@ -44,7 +44,7 @@ def _chunk_fn(exp, learner, presample_bytes: int = PRESAMPLE_BYTES):
     def run(state: MetaState, data, n_steps_marker: jax.Array):
         n = n_steps_marker.shape[0]
         one_step = jax.eval_shape(tasks_at, data, state.step)
-        step_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one_step))
+        step_bytes = _nbytes(one_step)
         if n * step_bytes <= presample_bytes:
             steps = state.step + jnp.arange(n, dtype=state.step.dtype)
             tasks = jax.vmap(tasks_at, in_axes=(None, 0))(data, steps)
@@ -169,6 +169,7 @@ class ChunkRunner:
 
 
 def _nbytes(tree) -> int:
+    """Bytes of a pytree of arrays or shape structs (``jax.eval_shape``'s)."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
@@ -205,7 +206,7 @@ def check_heldout_memory(exp) -> None:
                 split, n, e.shots or t.shots, e.query or t.query, e.ways
             )
         )
-        need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shape))
+        need = _nbytes(shape)
         if need > have:
             raise MemoryEstimateError(
                 f"{key}={n}: the {split} tasks need about {need / 2**30:.1f} GiB and "
