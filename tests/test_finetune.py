@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from metagrad import MetaParams, Task
 from metagrad.estimators.finetune import (
     classifier_logits,
+    finetune,
     fit_logistic_head,
     init_classifier,
     pretrain_loss,
@@ -69,6 +71,37 @@ def test_cosine_head_equals_numpy_and_its_fit_is_stationary(key, x64):
     fitted = fit(z, y, 3)
     g = jax.grad(head_objective)(fitted, z, y, 0.0, cosine=True)  # no L2 on a cosine head
     assert float(jnp.max(jnp.abs(g["kernel"]))) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cosine", [False, True])
+def test_finetune_estimator_gradient_is_pretrainings_by_finite_differences(key, x64, cosine):
+    """``finetune().value_and_grad`` is the gradient of the pre-training loss (central
+    differences along random directions, float64), and its ``objective`` is the probe of the
+    backbone alone."""
+    x, y = clusters(key, ways=5, per_class=2)
+    params = {
+        "backbone": jax.random.normal(jax.random.fold_in(key, 1), (4, 3)),
+        "classifier": init_classifier(jax.random.fold_in(key, 2), 3, 5, cosine=cosine),
+    }
+    embed_fn = lambda w, x: jnp.tanh(x @ w)
+    est = finetune(cosine=cosine)
+    batch = Task((x, y), (x, y))
+    (loss, _), grad = est.value_and_grad(embed_fn, MetaParams(params), batch, 0)
+    loss_fn = pretrain_loss(embed_fn, cosine=cosine)
+    np.testing.assert_allclose(loss, loss_fn(params, (x, y)), rtol=1e-12)
+    flat, unravel = ravel_pytree(params)
+    g = ravel_pytree(grad.params)[0]
+    eps = 1e-6
+    for i in range(4):
+        d = jax.random.normal(jax.random.fold_in(key, 10 + i), flat.shape)
+        plus = loss_fn(unravel(flat + eps * d), (x, y))
+        minus = loss_fn(unravel(flat - eps * d), (x, y))
+        np.testing.assert_allclose((plus - minus) / (2 * eps), g @ d, rtol=1e-6, atol=1e-9)
+    task = Task((x[::2], y[::2]), (x[1::2], y[1::2]))
+    got = est.objective(embed_fn, MetaParams(params), task, 0)[0]
+    want = probe(cosine=cosine)(embed_fn, MetaParams(params["backbone"]), task, 0)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 @pytest.mark.slow
