@@ -176,4 +176,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # the data folder, a checkpoint: as train.py
+        sys.exit(f"error: {e}")
