@@ -338,6 +338,8 @@ RESUME_MAY_CHANGE = (
     "train.profile_steps",
     "train.devices",
     "train.memory_check",
+    "train.parallel_runs",  # runs batched or alone agree to float32 rounding
+    "train.compile_cache_dir",
     "eval.figure",
     "distributed.",
 )

@@ -67,7 +67,8 @@ def imaml(
         >>> round(float(g.params), 4)
         -0.4444
     """
-    if not reg > 0 or not math.isfinite(reg):
+    # A traced reg (one per run of a batched program) was checked on the host before tracing.
+    if not isinstance(reg, jax.core.Tracer) and (not reg > 0 or not math.isfinite(reg)):
         raise ValueError(f"imaml: reg (lambda) must be positive and finite, got {reg!r}")
     if not (isinstance(cg_iters, int) and cg_iters >= 1):
         raise ValueError(f"imaml: cg_iters must be a positive int, got {cg_iters!r}")

@@ -142,7 +142,7 @@ def implicit(
             "implicit: pass optimality=F(loss_fn, phi, theta, support), or reg for iMAML's "
             "proximal problem (the plain stationarity grad L(phi; S) = 0 does not depend on theta)"
         )
-    if reg is not None and not reg > 0:
+    if reg is not None and not isinstance(reg, jax.core.Tracer) and not reg > 0:  # traced: checked
         raise ValueError(f"implicit: reg must be positive, got {reg!r}")
     if optimality is None:
         optimality = proximal_optimality(reg)

@@ -33,28 +33,39 @@ def _chunk_fn(exp, learner, presample_bytes: int = PRESAMPLE_BYTES):
     ahead of the scan when they fit in ``presample_bytes``, else inside each step (Omniglot's
     images). Both give the same tasks, bit for bit.
     """
-    batch = exp.cfg.train.meta_batch_size
     base_key = _base_key(exp)
-
-    def tasks_at(data, step):
-        key = jax.random.fold_in(base_key, step)  # the stream depends on the step only
-        return exp.source.sample_train(data, key, batch)
 
     @jax.jit
     def run(state: MetaState, data, n_steps_marker: jax.Array):
-        n = n_steps_marker.shape[0]
-        one_step = jax.eval_shape(tasks_at, data, state.step)
-        step_bytes = _nbytes(one_step)
-        if n * step_bytes <= presample_bytes:
-            steps = state.step + jnp.arange(n, dtype=state.step.dtype)
-            tasks = jax.vmap(tasks_at, in_axes=(None, 0))(data, steps)
-            state, metrics = lax.scan(learner.update, state, tasks)
-        else:
-            body = lambda state, _: learner.update(state, tasks_at(data, state.step))
-            state, metrics = lax.scan(body, state, None, length=n)
-        return state, _summary(state, metrics)
+        presample = presampled(exp, data, n_steps_marker.shape[0], presample_bytes)
+        return chunk_steps(exp, learner, base_key, state, data, n_steps_marker.shape[0], presample)
 
     return run
+
+
+def presampled(exp, data, n: int, budget: int) -> bool:
+    """Whether the tasks of ``n`` steps fit in ``budget`` bytes, to be drawn before the scan."""
+    batch = exp.cfg.train.meta_batch_size
+    one_step = jax.eval_shape(lambda d: exp.source.sample_train(d, jax.random.key(0), batch), data)
+    return n * _nbytes(one_step) <= budget
+
+
+def chunk_steps(exp, learner, base_key, state: MetaState, data, n: int, presample: bool):
+    """``n`` meta-steps of ``learner`` from ``state`` (traced: the body of a compiled chunk, of
+    one run or, vmapped, of many), step ``s`` on the tasks of ``fold_in(base_key, s)``."""
+    batch = exp.cfg.train.meta_batch_size
+
+    def tasks_at(step):
+        key = jax.random.fold_in(base_key, step)  # the stream depends on the step only
+        return exp.source.sample_train(data, key, batch)
+
+    if presample:
+        steps = state.step + jnp.arange(n, dtype=state.step.dtype)
+        state, metrics = lax.scan(learner.update, state, jax.vmap(tasks_at)(steps))
+    else:
+        body = lambda state, _: learner.update(state, tasks_at(state.step))
+        state, metrics = lax.scan(body, state, None, length=n)
+    return state, _summary(state, metrics)
 
 
 def _streamed_chunk_fn(exp, learner):
@@ -137,11 +148,14 @@ class ChunkRunner:
         self._data, self._compiled = data, {}
         self.compile_seconds, self.memory_check = 0.0, memory_check
 
-    def __call__(self, state: MetaState, n: int):
+    def _args(self, state: MetaState, n: int) -> tuple:
+        """The compiled call's arguments after the state."""
         if self._stream is not None:
-            args = (self._stream.chunk(self._base_key, int(state.step), n),)
-        else:
-            args = (self._data, jnp.zeros((n, 0)))
+            return (self._stream.chunk(self._base_key, int(state.step), n),)
+        return (self._data, jnp.zeros((n, 0)))  # the chunk length as a shape: one compile each
+
+    def __call__(self, state: MetaState, n: int):
+        args = self._args(state, n)
         if n not in self._compiled:
             tic = time.perf_counter()
             compiled = self._jit.lower(state, *args).compile()

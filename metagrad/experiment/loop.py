@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from metagrad._types import MetaParams
-from metagrad.experiment import build, distributed
+from metagrad.experiment import build, compile_cache, distributed
 from metagrad.experiment.checkpoint import Checkpoints
 from metagrad.experiment.chunks import ChunkRunner, check_heldout_memory
 from metagrad.experiment.config import ConfigError, validate
@@ -115,15 +115,22 @@ class Experiment:
         )
         return self._curve_fns[key]
 
-    def evaluate(self, meta_params, split: str, num_tasks: int, prefix: str) -> dict:
+    def eval_steps(self) -> tuple[int, int]:
+        """``(post, steps)``: the inner steps scored as "after adaptation" (``eval.inner_steps``,
+        else ``inner.steps``) and the curves' length (at least ``eval.curve_steps``)."""
         e = self.cfg.eval
         post = self.cfg.inner.steps if e.inner_steps is None else e.inner_steps
-        steps = max(post, e.curve_steps)
-        t = self.cfg.task
-        tasks = self.source.heldout(
-            split, num_tasks, e.shots or t.shots, e.query or t.query, e.ways
-        )
-        block = min(e.batch_size, num_tasks)
+        return post, max(post, e.curve_steps)
+
+    def heldout_tasks(self, split: str, num_tasks: int):
+        """The fixed held-out tasks of ``split`` (the same for every seed), at eval's sizes."""
+        e, t = self.cfg.eval, self.cfg.task
+        return self.source.heldout(split, num_tasks, e.shots or t.shots, e.query or t.query, e.ways)
+
+    def evaluate(self, meta_params, split: str, num_tasks: int, prefix: str) -> dict:
+        post, steps = self.eval_steps()
+        tasks = self.heldout_tasks(split, num_tasks)
+        block = min(self.cfg.eval.batch_size, num_tasks)
         curves = _in_blocks(self.curve_fn(steps=steps, post=post), meta_params, tasks, block)
         out = summarize(curves, post, prefix)
         out[f"{prefix}_inner_steps"] = post
@@ -166,17 +173,7 @@ def start_run(cfg, run_dir: Path, *, primary: bool) -> Run:
     check_heldout_memory(exp)
     t = cfg.train
     ckpt = Checkpoints(run_dir)
-    latest = ckpt.latest_step()
-    if latest is not None and not t.resume:
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints; pass train.resume=true to "
-            "continue that run, or choose a new run directory"
-        )
-    if latest is None and t.resume:
-        raise FileNotFoundError(
-            f"train.resume=true, but {run_dir} holds no checkpoint to resume: check the "
-            "path, or drop train.resume to start a new run there"
-        )
+    latest = check_resumable(cfg, run_dir, ckpt)
     learner = meta_learner(
         exp.model.loss_fn,
         exp.estimator,
@@ -188,31 +185,57 @@ def start_run(cfg, run_dir: Path, *, primary: bool) -> Run:
     state = learner.init(exp.meta_params)
     if jax.process_count() > 1:  # orbax saves and restores global arrays
         state = distributed.replicate(state, task_mesh(t.devices))
+    state, best_val = restore_latest(ckpt, latest, state)
+    log = open_log(cfg, run_dir, exp, state, latest) if primary else None
+    return Run(exp, learner, ckpt, state, best_val, log, run_dir)
+
+
+def check_resumable(cfg, run_dir: Path, ckpt: Checkpoints) -> int | None:
+    """The newest checkpoint's step (None: none). Refuses to start over checkpoints without
+    ``train.resume``, and to resume a directory that holds none."""
+    latest = ckpt.latest_step()
+    if latest is not None and not cfg.train.resume:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints; pass train.resume=true to "
+            "continue that run, or choose a new run directory"
+        )
+    if latest is None and cfg.train.resume:
+        raise FileNotFoundError(
+            f"train.resume=true, but {run_dir} holds no checkpoint to resume: check the "
+            "path, or drop train.resume to start a new run there"
+        )
+    return latest
+
+
+def restore_latest(ckpt: Checkpoints, latest: int | None, state: MetaState):
+    """``(state, best_val)``: restored from the newest intact checkpoint, or as given."""
     best_val = np.array(np.inf)
     if latest is not None:
         _, state, extra = ckpt.restore(state, extra={"best_val": best_val}, fall_back=True)
         best_val = extra["best_val"]
-    log = None
-    if primary:
-        data = {"data": exp.source.info} if exp.source.info else {}  # the image benchmarks'
-        write_json(run_dir / "run_info.json", {**run_metadata(), **data})
-        tensorboard = None
-        if t.tensorboard:
-            from tensorboardX import SummaryWriter  # optional; validate() checked it is there
+    return state, best_val
 
-            tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10)
-        wandb_run, wandb_resumed = None, False
-        if t.wandb:
-            wandb_run, wandb_resumed = open_wandb(t, config_dict(cfg), run_dir)
-        resume_step = int(state.step) if latest is not None else None
-        log = RunLog(
-            run_dir / "metrics.jsonl",
-            tensorboard=tensorboard,
-            wandb=wandb_run,
-            resume_step=resume_step,
-            wandb_resumed=wandb_resumed,
-        )
-    return Run(exp, learner, ckpt, state, best_val, log, run_dir)
+
+def open_log(cfg, run_dir: Path, exp: Experiment, state: MetaState, latest: int | None) -> RunLog:
+    """Writes ``run_info.json`` and opens the run's log (and its TensorBoard, wandb writers)."""
+    t = cfg.train
+    data = {"data": exp.source.info} if exp.source.info else {}  # the image benchmarks'
+    write_json(run_dir / "run_info.json", {**run_metadata(), **data})
+    tensorboard = None
+    if t.tensorboard:
+        from tensorboardX import SummaryWriter  # optional; validate() checked it is there
+
+        tensorboard = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10)
+    wandb_run, wandb_resumed = None, False
+    if t.wandb:
+        wandb_run, wandb_resumed = open_wandb(t, config_dict(cfg), run_dir)
+    return RunLog(
+        run_dir / "metrics.jsonl",
+        tensorboard=tensorboard,
+        wandb=wandb_run,
+        resume_step=int(state.step) if latest is not None else None,
+        wandb_resumed=wandb_resumed,
+    )
 
 
 def config_dict(cfg) -> dict:
@@ -272,6 +295,7 @@ def train(cfg, run_dir: str | Path) -> dict:
     """
     run_dir = Path(run_dir)
     validate(cfg)
+    compile_cache.enable(cfg.train.compile_cache_dir)  # before this process compiles anything
     distributed.initialize(cfg.distributed)  # before anything else starts a JAX backend
     primary = distributed.is_primary()  # only process 0 writes logs, metrics and figures
     distributed.check_same_everywhere(str(run_dir.absolute()), "the run directory")

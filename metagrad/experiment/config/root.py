@@ -96,9 +96,17 @@ class TrainLoopConfig(Node):
     # <run>/profile; it spans the whole compiled chunks (train.chunk_steps) that hold them.
     profile_steps: list[int] | None = None
     memory_check: bool = True  # refuse a compiled step that needs more memory than there is
+    # A -m sweep's runs that differ only in batchable keys (metagrad.experiment.batched:
+    # seed, inner.lr, outer.lr, the L2 terms) train as one compiled program, at most this many
+    # runs each; 1: every run its own program.
+    parallel_runs: int = 8
+    # XLA's persistent compilation cache: a second run of the same program starts without
+    # recompiling. null: the user's cache folder ($XDG_CACHE_HOME/metagrad/xla); off: none.
+    compile_cache_dir: str | None = None
 
     def check(self):
         self.need("steps", nonneg_int, "must be >= 0")
+        self.need("parallel_runs", positive_int, "must be a positive integer")
         self.need("meta_batch_size", positive_int, "must be a positive integer")
         self.need("chunk_steps", positive_int, "must be a positive integer")
         chunk = self.chunk_steps
