@@ -1,5 +1,5 @@
-"""Flax models, the `(params, apply)` adapters (Flax NNX, Flax Linen, Equinox) and losses in the
-engine's form."""
+"""Flax models, the `(params, apply)` adapters (Flax NNX, Flax Linen, Equinox), the stateful NNX
+adapter (batch-norm running statistics, dropout) and losses in the engine's form."""
 
 from metagrad.nn.adapter import (
     adapt_mask,
@@ -14,6 +14,17 @@ from metagrad.nn.losses import accuracy, cross_entropy_loss, mse_loss
 from metagrad.nn.models import MLP, Conv4, MetaBatchNorm
 from metagrad.nn.quant import QuantConv, QuantConv4, QuantDense, QuantMLP
 from metagrad.nn.resnet import ResNet12
+from metagrad.nn.stateful import (
+    StatefulApply,
+    StatefulModel,
+    adapt_stateful,
+    dropout_key,
+    from_nnx_stateful,
+    per_step_state,
+    stateful_estimator,
+    stateful_meta_grad,
+    stateful_meta_loss,
+)
 
 __all__ = [
     "MLP",
@@ -24,15 +35,24 @@ __all__ = [
     "QuantDense",
     "QuantMLP",
     "ResNet12",
+    "StatefulApply",
+    "StatefulModel",
     "accuracy",
     "adapt_mask",
+    "adapt_stateful",
     "conv2d",
     "cross_entropy_loss",
     "default_conv_impl",
+    "dropout_key",
     "from_equinox",
     "from_linen",
     "from_nnx",
+    "from_nnx_stateful",
     "functional",
     "functional_linen",
     "mse_loss",
+    "per_step_state",
+    "stateful_estimator",
+    "stateful_meta_grad",
+    "stateful_meta_loss",
 ]

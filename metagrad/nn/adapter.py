@@ -20,8 +20,12 @@ PyTree = Any
 def functional(module: nnx.Module) -> tuple[dict, Callable]:
     """Split a Flax NNX module once into a pure params dict and ``apply(params, *args, **kw)``.
 
-    Only ``nnx.Param`` variables are parameters; everything else (e.g. RNG state) is fixed.
-    ``apply`` merges inside the traced function, so it is pure and differentiable to any order.
+    Only ``nnx.Param`` variables are parameters; everything else is fixed. A module holding
+    state the inner loop must carry, ``nnx.BatchStat`` (``nnx.BatchNorm``'s running statistics)
+    or an RNG stream (``nnx.Dropout(rate, rngs=...)``), raises ``TypeError``: fixed, the running
+    averages would never update and every task and step would share one dropout mask; use
+    :func:`metagrad.nn.from_nnx_stateful`. ``apply`` merges inside the traced function, so it is
+    pure and differentiable to any order.
 
     Example:
         >>> import jax.numpy as jnp
@@ -30,6 +34,7 @@ def functional(module: nnx.Module) -> tuple[dict, Callable]:
         (['bias', 'kernel'], (5, 1))
     """
     graphdef, state, rest = nnx.split(module, nnx.Param, ...)
+    _refuse_carried_state(module, rest)
     params = nnx.to_pure_dict(state)
 
     def apply(params, *args, **kwargs):
@@ -40,6 +45,23 @@ def functional(module: nnx.Module) -> tuple[dict, Callable]:
         return nnx.merge(graphdef, template, rest)(*args, **kwargs)
 
     return params, apply
+
+
+def _refuse_carried_state(module: nnx.Module, rest) -> None:
+    held = [
+        f"{'/'.join(map(str, path))} ({type(var).__name__})"
+        for path, var in nnx.to_flat_state(rest)
+        if isinstance(var, nnx.BatchStat | nnx.RngState)
+    ]
+    if held:
+        more = f" and {len(held) - 4} more" if len(held) > 4 else ""
+        raise TypeError(
+            f"functional: {type(module).__name__} holds state the inner loop must carry "
+            f"({', '.join(held[:4])}{more}), which this adapter would freeze (running averages "
+            "never updated, one dropout mask for every task and step): use "
+            "metagrad.nn.from_nnx_stateful, or build the layers without it (e.g. "
+            "metagrad.nn.MetaBatchNorm, nnx.Dropout without rngs=)"
+        )
 
 
 def functional_linen(
