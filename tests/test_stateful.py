@@ -5,10 +5,13 @@ errors for state the adapter does not understand."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from flax import nnx
 
 import metagrad as mg
@@ -409,3 +412,14 @@ def test_bad_arguments_fail_before_compiling(key):
     # Eval mode needs no key: no dropout.
     adapted, same = run(train=False)
     assert same is state
+
+
+@pytest.mark.slow
+def test_readme_stateful_snippet_runs(capsys):
+    """The README's stateful-layers example runs as written and its check prints True."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"<!-- stateful -->\n```python\n(.*?)```\n<!-- /stateful -->", readme, re.S)
+    if block is None:  # the subsection is pasted by the README's owner; then this runs
+        pytest.skip("README.md has no <!-- stateful --> python block yet")
+    exec(compile(block.group(1), "README.md:stateful", "exec"), {})
+    assert capsys.readouterr().out.split("\n")[-2] == "True"

@@ -210,7 +210,9 @@ def from_nnx_stateful(module: nnx.Module) -> StatefulModel:
     ``nnx.Intermediate``, a custom ``nnx.Variable`` type, a ``BatchStat`` outside
     ``nnx.BatchNorm``) raises ``TypeError`` naming its path and type: it is never dropped or
     frozen silently. ``apply`` merges inside the traced function, so it is pure and
-    differentiable to any order.
+    differentiable to any order. ``train`` sets every layer's ``deterministic`` and
+    ``use_running_average`` as ``nnx.Module.train()`` / ``.eval()`` do (a flag given to a
+    layer's constructor is overridden; a dropout rate of 0 is dropout off in both modes).
 
     Example:
         >>> r = nnx.Rngs(0)
