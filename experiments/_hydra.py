@@ -339,7 +339,7 @@ RESUME_MAY_CHANGE = (
     "train.devices",
     "train.memory_check",
     "train.parallel_runs",  # runs batched or alone agree to float32 rounding
-    "train.compile_cache_dir",
+    "train.compile_cache",  # and its compile_cache_dir
     "eval.figure",
     "distributed.",
 )

@@ -60,7 +60,8 @@ def main(dict_cfg: DictConfig) -> float | None:
         return None
     from metagrad.experiment.loop import train
 
-    results = _report(lambda: [train(cfg, run_dir)], [cfg], [run_dir], COMMAND.new_run_dir)
+    new_dirs = [] if COMMAND.new_run_dir is None else [COMMAND.new_run_dir]
+    results = _report(lambda: [train(cfg, run_dir)], [cfg], [run_dir], new_dirs)
     return results[0]["val_objective"]  # what sweepers minimise: validation, never test
 
 
@@ -88,16 +89,28 @@ def train_deferred() -> int:
         dirs = [DEFERRED[i][1] for i in group]
         if len(group) > 1:
             print(f"{len(group)} runs in one compiled program: {', '.join(map(str, dirs))}")
+        # A new job's folder holds only what Hydra wrote: removed if the group is refused.
+        new = [d for c, d in zip(group_cfgs, dirs, strict=True) if not c.train.resume]
+        new = [d for d in new if all(_hydra_file(p) for p in d.iterdir())]
         try:
-            _report(lambda c=group_cfgs, d=dirs: train_batched(c, d), group_cfgs, dirs, None)
+            _report(lambda c=group_cfgs, d=dirs: train_batched(c, d), group_cfgs, dirs, new)
         except SystemExit as e:
             status = max(status, int(e.code or 0))
+    sweep_dir = DEFERRED[0][1].parent  # nothing but Hydra's multirun.yaml left: no sweep either
+    if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
     return status
 
 
-def _report(run, cfgs: list, run_dirs: list, new_run_dir: Path | None) -> list[dict]:
+def _hydra_file(path: Path) -> bool:
+    """What Hydra writes into a job's folder before the job runs (and the run's lock)."""
+    return path.name in (".hydra", ".lock") or path.suffix == ".log"
+
+
+def _report(run, cfgs: list, run_dirs: list, new_dirs: list[Path]) -> list[dict]:
     """``run()``'s results, each run's summary line printed; a refusal or a failure is one line
-    on stderr and ``SystemExit`` (2 refused, 1 diverged or disk full, 130 interrupted)."""
+    on stderr and ``SystemExit`` (2 refused, 1 diverged or disk full, 130 interrupted). A
+    refusal removes ``new_dirs``, the run directories this command created."""
     from metagrad.experiment.chunks import MemoryEstimateError
     from metagrad.experiment.distributed import is_primary
     from metagrad.experiment.loop import DiskFull, NonFiniteLoss, TrainingInterrupted
@@ -107,11 +120,8 @@ def _report(run, cfgs: list, run_dirs: list, new_run_dir: Path | None) -> list[d
         results = run()  # validates the configs before anything is built
     except (FileNotFoundError, FileExistsError, ValueError, RunDirLocked, MemoryEstimateError) as e:
         print(f"error: {e}", file=sys.stderr)  # refused: nothing trained
-        if new_run_dir is not None:  # nor left behind: Hydra's files included
-            shutil.rmtree(new_run_dir, ignore_errors=True)
-        for run_dir in run_dirs:  # a sweep's job directories that hold only Hydra's files
-            if {p.name for p in Path(run_dir).iterdir()} <= {".hydra", ".lock"}:
-                shutil.rmtree(run_dir, ignore_errors=True)
+        for new_dir in new_dirs:  # nor left behind: Hydra's files included
+            shutil.rmtree(new_dir, ignore_errors=True)
         exit_when_threads_end(2)
     except (NonFiniteLoss, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -35,7 +35,7 @@ def tiny(seed=0, inner_lr=0.01, outer_lr=1e-3, steps=20):
     cfg.model.hidden = [8]
     t = cfg.train
     t.steps, t.chunk_steps, t.eval_every, t.checkpoint_every = steps, 10, 10, 10
-    t.meta_batch_size, t.progress, t.compile_cache_dir = 4, False, "off"
+    t.meta_batch_size, t.progress, t.compile_cache = 4, False, False
     e = cfg.eval
     e.tasks, e.val_tasks, e.curve_steps, e.query, e.figure = 8, 8, 1, 10, False
     return cfg
@@ -187,7 +187,7 @@ def test_cli_sweep_trains_its_points_in_one_program(tmp_path):
         "train.checkpoint_every=10",
         "train.meta_batch_size=4",
         "train.progress=false",
-        "train.compile_cache_dir=off",
+        "train.compile_cache=false",
         "eval.tasks=8",
         "eval.val_tasks=8",
         "eval.curve_steps=1",
@@ -219,3 +219,26 @@ def test_cli_sweep_trains_its_points_in_one_program(tmp_path):
     again = run("train.py", *args[:-1], "train.steps=30", "train.resume=true", args[-1])
     assert again.returncode == 0, again.stderr
     assert [r["step"] for r in records(sweep / "3", "train")] == [10, 20, 30]
+
+
+def test_a_refused_sweep_leaves_no_folder(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "experiments" / "train.py"),
+            "-m",
+            "seed=0,1",
+            "task=omniglot",
+            "model=conv4",
+            f"task.data_dir={tmp_path / 'no-such'}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=SUBPROCESS_ENV,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Omniglot not found" in proc.stderr
+    assert not sweep.exists()

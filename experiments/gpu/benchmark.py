@@ -4,7 +4,9 @@ in one run.
 Ours (second-order MAML, as in `experiments.bench.speed`): sinusoid (one dispatch per meta-step,
 and chunks of meta-steps with vmap and with lax.map over tasks), and Conv4 5-way 1-shot with 15
 queries per class, strided and max-pool, meta-batch 32 and 4, with lax convolutions (cuDNN) and
-vmap over tasks. Peers: the implementations in ``shared/peers`` that need torch alone --
+vmap over tasks; ``--batched-runs`` sinusoid seeds in one compiled program
+(`experiments.bench.batched`), against one run and against the fastest correct peer's runs
+one after another. Peers: the implementations in ``shared/peers`` that need torch alone --
 torch.func (vmap, vmap with ``.backward()``, loop) and the hand-written autograd loop; higher,
 learn2learn and TorchOpt are not on the GPU machine -- run on the GPU through
 ``experiments/gpu/peer_on_device.py``. Each peer's meta-gradient is checked against the autograd
@@ -51,6 +53,7 @@ from experiments.bench import harness  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PEER_ON_DEVICE = Path(__file__).resolve().with_name("peer_on_device.py")  # run by the peers' python
+CONV4_GOAL = 5.0  # Conv4 on a GPU: at least 5x the fastest correct torch peer on the same card
 PEER_IMPLS = {  # torch alone; the reference (autograd_loop) first where it is timed
     "sinusoid": ["autograd_loop", "torchfunc_vmap_bwd", "torchfunc_vmap", "torchfunc_loop"],
     "conv4": ["autograd_loop", "torchfunc_loop", "torchfunc_vmap_bwd"],
@@ -67,6 +70,9 @@ def parse_args(argv):
     p.add_argument("--task-batching", default="vmap", choices=("vmap", "map"))
     harness.add_timing_args(p, harness.Timing(target_s=1.0, blocks=3, max_call_s=10.0))
     p.add_argument("--quick", action="store_true", help="fewer steps and peers: a smoke test")
+    p.add_argument(
+        "--batched-runs", type=int, default=8, help="sinusoid seeds in one program (1: skip)"
+    )
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--peers-python", default=sys.executable, help="a python with torch")
     p.add_argument(
@@ -155,6 +161,14 @@ def main(argv=None) -> dict:
 
     results = run_ours(args)
     write(results=results)  # kept even if the peers fail or time out
+    batched = None
+    if "sinusoid" in args.only and args.batched_runs > 1:
+        from experiments.bench.batched import batched_report, print_report
+
+        chunk = 20 if args.quick else 200
+        batched = batched_report(args.batched_runs, 70_000, chunk, harness.timing_of(args))
+        print_report(batched)
+        write(results=results, batched=batched)
     peers = []
     where = None if args.no_peers else peers_dir(args)
     if where is not None:
@@ -164,8 +178,24 @@ def main(argv=None) -> dict:
     ratios = harness.add_ratios(results, peers)
     harness.print_table(results, peers)
     for r in ratios:
-        print(f"{r['ours']}: {r['ratio']:.2f} x {r['peer']} (torch threads {r['peer_threads']})")
-    write(results=results, peers=peers, ratios=ratios, peers_device=device)
+        goal = CONV4_GOAL if r["ours"].startswith("conv4") else None
+        verdict = "met" if goal is not None and r["ratio"] >= goal else "not met"
+        met = "" if goal is None else f" (goal {goal:g}x: {verdict})"
+        print(
+            f"{r['ours']}: {r['ratio']:.2f} x {r['peer']} (torch threads {r['peer_threads']}){met}"
+        )
+    if batched is not None:
+        from experiments.bench.batched import add_peer
+
+        add_peer(batched, harness.fastest_correct(peers, workload="sinusoid"))
+        if "peer" in batched:
+            p = batched["peer"]
+            print(
+                f"{batched['runs']} sinusoid seeds in one program: {p['throughput_x']:.1f} x "
+                f"{p['impl']}'s throughput, {p['batched_x']:.1f} x its {batched['runs']} runs "
+                "one after another (compilation included)"
+            )
+    write(results=results, peers=peers, ratios=ratios, peers_device=device, batched=batched)
     if args.out:
         print(f"json: {args.out}")
     return report

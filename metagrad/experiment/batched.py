@@ -87,7 +87,7 @@ def batched_keys(cfg) -> list[str]:
     Example:
         >>> from metagrad.experiment.config import Config
         >>> batched_keys(Config())
-        ['seed', 'inner.lr', 'outer.lr']
+        ['seed', 'inner.lr', 'outer.lr', 'algo.implicit_reg']
     """
     return [k for k in BATCHABLE if _has(cfg, k)]
 
@@ -254,7 +254,7 @@ def train_batched(cfgs: list, run_dirs: list) -> list[dict]:
         >>> cfgs[1].inner.steps = 2
         >>> train_batched(cfgs, ["runs/a", "runs/b"])
         Traceback (most recent call last):
-        ValueError: the runs differ in more than metagrad.experiment.batched.BATCHABLE (seed, inner.lr, outer.lr, algo.reg, algo.implicit_reg): use group_runs to split them
+        ValueError: the runs differ in more than ...BATCHABLE (...): use group_runs to split them
     """
     run_dirs = [Path(d) for d in run_dirs]
     if len(cfgs) != len(run_dirs) or len({d.absolute() for d in run_dirs}) != len(run_dirs):
@@ -266,7 +266,7 @@ def train_batched(cfgs: list, run_dirs: list) -> list[dict]:
         )
     for cfg in cfgs:
         validate(cfg)
-    compile_cache.enable(cfgs[0].train.compile_cache_dir)
+    compile_cache.enable(cfgs[0].train.compile_cache_dir, on=cfgs[0].train.compile_cache)
     reason = cannot_batch(cfgs[0])
     if len(cfgs) == 1 or reason is not None:
         return [train(c, d) for c, d in zip(cfgs, run_dirs, strict=True)]
@@ -316,14 +316,7 @@ def _start(cfgs: list, run_dirs: list[Path]):
         ckpt = Checkpoints(run_dir)
         ckpts.append(ckpt)
         latest = check_resumable(cfg, run_dir, ckpt)
-        model = exp.model
-        if cfg.seed != exp.cfg.seed:
-            model = dataclasses.replace(model, params=build.build_model(cfg, _key(cfg)).params)
-        meta_params = build.initial_meta_params(cfg, model, exp.source)
-        learner = meta_learner(
-            model.loss_fn, build.build_estimator(cfg, model), build.build_optimizer(cfg), jit=False
-        )
-        state, best_val = restore_latest(ckpt, latest, learner.init(meta_params))
+        state, best_val = restore_latest(ckpt, latest, initial_state(exp, cfg))
         states.append(state)
         best.append(float(best_val))
         latest_steps.append(latest)
@@ -335,17 +328,34 @@ def _start(cfgs: list, run_dirs: list[Path]):
         open_log(cfg, d, exp, s, latest)
         for cfg, d, s, latest in zip(cfgs, run_dirs, states, latest_steps, strict=True)
     ]
-    keys = batched_keys(cfgs[0])
-    hparams = {k: jnp.asarray([_get(c, k) for c in cfgs]) for k in keys}
+    hparams = {k: jnp.asarray([_get(c, k) for c in cfgs]) for k in batched_keys(cfgs[0])}
     group = RunGroup(exp, list(cfgs), list(run_dirs), ckpts, logs, np.array(best), hparams)
     return group, _stack(states)
 
 
-def _key(cfg) -> jax.Array:
-    return jax.random.key(cfg.seed)
+def initial_state(exp: Experiment, cfg) -> MetaState:
+    """The meta-state ``cfg``'s run starts from, alone or in a group sharing ``exp``: its
+    seed's initial weights, its rates, its optimizer's state."""
+    model = exp.model
+    if cfg.seed != exp.cfg.seed:
+        key = jax.random.key(cfg.seed)  # as Experiment.from_config draws them
+        model = dataclasses.replace(model, params=build.build_model(cfg, key).params)
+    meta_params = build.initial_meta_params(cfg, model, exp.source)
+    learner = meta_learner(
+        model.loss_fn, build.build_estimator(cfg, model), build.build_optimizer(cfg), jit=False
+    )
+    return learner.init(meta_params)
 
 
-class _BatchedChunks(ChunkRunner):
+def stack_runs(exp: Experiment, cfgs: list) -> tuple[dict, MetaState]:
+    """``(hparams, states)``: the batchable values and the initial states of ``cfgs``'s runs,
+    each with a leading run axis."""
+    keys = batched_keys(cfgs[0])
+    hparams = {k: jnp.asarray([_get(c, k) for c in cfgs]) for k in keys}
+    return hparams, _stack([initial_state(exp, c) for c in cfgs])
+
+
+class BatchedChunks(ChunkRunner):
     """:class:`ChunkRunner` for a :class:`RunGroup`: each compiled call runs ``n`` meta-steps of
     every run, ``vmap`` over the runs of :func:`chunk_steps` (each run's learner built inside
     from its traced values, its tasks from ``fold_in(key(seed + 1), step)`` as alone)."""
@@ -417,7 +427,7 @@ class _BatchedCurves:
 def _train(group: RunGroup, states: MetaState) -> list[dict]:
     cfg, exp = group.exp.cfg, group.exp
     t = cfg.train
-    chunks, curves = _BatchedChunks(group), _BatchedCurves(group)
+    chunks, curves = BatchedChunks(group), _BatchedCurves(group)
     step = int(states.step[0])
     failed: dict[int, str] = {}  # run -> why it stopped writing
     bar = tqdm(
@@ -529,6 +539,7 @@ __all__ = [
     "cannot_batch",
     "group_runs",
     "program_key",
+    "stack_runs",
     "train_batched",
     "with_values",
 ]

@@ -28,18 +28,21 @@ def default_dir() -> Path:
     return Path(base) / "metagrad" / "xla"
 
 
-def enable(cache_dir: str | None) -> Path | None:
-    """Turns the cache on in ``cache_dir`` (None: :func:`default_dir`; ``"off"``: off) and returns
-    the folder (None when off). JAX reads these settings when it first compiles, so call this
-    before the process compiles anything (the CLI does so first); later calls change nothing
-    for this process.
+def enable(cache_dir: str | None, *, on: bool = True) -> Path | None:
+    """Turns the cache on in ``cache_dir`` (None: JAX's ``jax_compilation_cache_dir`` where set,
+    else :func:`default_dir`), or off with ``on=False``; returns the folder (None when off).
+    JAX reads these settings when it first compiles, so call this before the process compiles
+    anything (the CLI does so first); later calls change nothing for this process.
 
     Example:
-        >>> enable("off") is None
+        >>> enable(None, on=False) is None
         True
     """
-    if cache_dir in ("off", ""):
+    if not on:
+        jax.config.update("jax_enable_compilation_cache", False)
         return None
+    if cache_dir is None and jax.config.jax_compilation_cache_dir:  # JAX's own setting (e.g.
+        return Path(jax.config.jax_compilation_cache_dir)  # $JAX_COMPILATION_CACHE_DIR) wins
     folder = Path(cache_dir).expanduser() if cache_dir else default_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -295,7 +295,8 @@ def train(cfg, run_dir: str | Path) -> dict:
     """
     run_dir = Path(run_dir)
     validate(cfg)
-    compile_cache.enable(cfg.train.compile_cache_dir)  # before this process compiles anything
+    # Before this process compiles anything: JAX reads the cache settings once.
+    compile_cache.enable(cfg.train.compile_cache_dir, on=cfg.train.compile_cache)
     distributed.initialize(cfg.distributed)  # before anything else starts a JAX backend
     primary = distributed.is_primary()  # only process 0 writes logs, metrics and figures
     distributed.check_same_everywhere(str(run_dir.absolute()), "the run directory")

@@ -101,7 +101,8 @@ class TrainLoopConfig(Node):
     # runs each; 1: every run its own program.
     parallel_runs: int = 8
     # XLA's persistent compilation cache: a second run of the same program starts without
-    # recompiling. null: the user's cache folder ($XDG_CACHE_HOME/metagrad/xla); off: none.
+    # recompiling; in compile_cache_dir, null: the user's ($XDG_CACHE_HOME/metagrad/xla).
+    compile_cache: bool = True
     compile_cache_dir: str | None = None
 
     def check(self):
