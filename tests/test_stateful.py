@@ -102,15 +102,16 @@ def test_dropout_masks_differ_across_tasks_and_steps_and_repeat_with_the_same_ke
     ones = jnp.ones((1, 16))
     batch = (ones, jnp.zeros(1))
 
+    def adapted_w(task_key, steps):
+        adapted, _ = adapt_stateful(
+            apply, linear_loss, params, state, batch, key=task_key, steps=steps, lr=1.0
+        )
+        return adapted["w"]
+
     @jax.jit
     def masks(task_key):
-        adapted = [
-            adapt_stateful(apply, linear_loss, params, state, batch, key=task_key, steps=k, lr=1.0)[
-                0
-            ]["w"]
-            for k in range(4)
-        ]
-        return jnp.stack([(a - b) / 2 for a, b in zip(adapted[:-1], adapted[1:], strict=True)])
+        ws = [adapted_w(task_key, k) for k in range(4)]
+        return jnp.stack([(a - b) / 2 for a, b in zip(ws[:-1], ws[1:], strict=True)])
 
     k_a, k_b = jax.random.split(key)
     m_a, m_b = masks(k_a), masks(k_b)
