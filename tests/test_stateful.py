@@ -10,6 +10,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import REPO_ROOT
 from flax import nnx
@@ -297,6 +298,42 @@ def test_meta_batch_state_is_the_same_under_vmap_and_map(key):
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves((s1, g1)), jax.tree.leaves((s2, g2)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        dict(lr=0.1, mask=lambda path: path.startswith("head")),  # ANIL
+        dict(optimizer=optax.adam(0.05, eps_root=1e-8)),
+    ],
+    ids=["anil_mask", "adam"],
+)
+def test_adapt_keywords_pass_through_and_the_state_follows_the_trajectory(inner, key):
+    """The parameters are metagrad.adapt's with the same keywords; the state is the running
+    average folded over apply at phi_0 .. phi_{K-1} (an equivalent composition)."""
+    steps = 3
+    params, state, apply = from_nnx_stateful(BNNet(nnx.Rngs(0)))
+    params = jiggle(params, key)
+    support = jax.tree.map(lambda a: a[0], regression_tasks(key, 1).support)
+    loss_fn = mse_loss(lambda p, x: apply(p, state, x)[0])
+
+    def both(params):
+        got = adapt_stateful(apply, mse_loss, params, state, support, steps=steps, **inner)
+        want, traj = mg.adapt(
+            loss_fn, params, support, steps=steps, return_trajectory=True, **inner
+        )
+        folded = state
+        for i in range(steps):
+            phi = params if i == 0 else jax.tree.map(lambda t, i=i: t[i - 1], traj)
+            folded = apply(phi, folded, support[0])[1]
+        return got, (want, folded)
+
+    (adapted, new), (want, folded) = jax.jit(both)(params)
+    for a, b in zip(jax.tree.leaves((adapted, new)), jax.tree.leaves((want, folded)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    if "mask" in inner:  # the body stayed, the head moved
+        np.testing.assert_array_equal(adapted["lin1"]["kernel"], params["lin1"]["kernel"])
+        assert not np.allclose(adapted["head"]["kernel"], params["head"]["kernel"])
 
 
 @pytest.mark.parametrize("policy", ["transductive", "per_step"])
