@@ -457,7 +457,6 @@ def test_readme_stateful_snippet_runs(capsys):
     """The README's stateful-layers example runs as written and its check prints True."""
     readme = (REPO_ROOT / "README.md").read_text()
     block = re.search(r"<!-- stateful -->\n```python\n(.*?)```\n<!-- /stateful -->", readme, re.S)
-    if block is None:  # the subsection is pasted by the README's owner; then this runs
-        pytest.skip("README.md has no <!-- stateful --> python block yet")
+    assert block is not None, "README.md lost its <!-- stateful --> python block"
     exec(compile(block.group(1), "README.md:stateful", "exec"), {})
     assert capsys.readouterr().out.split("\n")[-2] == "True"
