@@ -2,7 +2,8 @@
 
 Runs whose configs differ only in the :data:`BATCHABLE` keys (the seed, which draws the model's
 initial weights and the task stream, and hyperparameters that never change a shape) share one
-program: one compilation, one dispatch per chunk of meta-steps for all of them. The differing
+program: one compilation, one dispatch per chunk of meta-steps for all of them (the runs vmapped, or
+mapped one after another inside the program on CPU: ``train.run_batching``). The differing
 values enter that program as arrays with a leading run axis, so a learning-rate sweep does not
 recompile per point (hyperparameters baked into an optimizer as constants would). Each run keeps
 its own directory in the usual layout (``metrics.jsonl``, ``checkpoints/{last,best}``,
@@ -30,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from tqdm.auto import tqdm
 
 from metagrad.experiment import build, compile_cache
@@ -355,10 +357,27 @@ def stack_runs(exp: Experiment, cfgs: list) -> tuple[dict, MetaState]:
     return hparams, _stack([initial_state(exp, c) for c in cfgs])
 
 
+def run_batching(cfg) -> str:
+    """``train.run_batching``; ``auto`` is ``map`` on CPU, where the runs' tasks vmapped together
+    outgrow the cache (200 sinusoid tasks at once cost 13 times 25, not 8), else ``vmap``."""
+    choice = cfg.train.run_batching
+    if choice == "auto":
+        return "map" if jax.default_backend() == "cpu" else "vmap"
+    return choice
+
+
+def over_runs(fn, cfg, *args):
+    """``fn`` of each run's slice of ``args`` (leading run axis), stacked: ``jax.vmap`` or
+    ``lax.map`` as :func:`run_batching` says."""
+    if run_batching(cfg) == "map":
+        return lax.map(lambda a: fn(*a), args)
+    return jax.vmap(fn)(*args)
+
+
 class BatchedChunks(ChunkRunner):
     """:class:`ChunkRunner` for a :class:`RunGroup`: each compiled call runs ``n`` meta-steps of
-    every run, ``vmap`` over the runs of :func:`chunk_steps` (each run's learner built inside
-    from its traced values, its tasks from ``fold_in(key(seed + 1), step)`` as alone)."""
+    every run, :func:`over_runs` of :func:`chunk_steps` (each run's learner built inside from
+    its traced values, its tasks from ``fold_in(key(seed + 1), step)`` as alone)."""
 
     def __init__(self, group: RunGroup):
         exp = group.exp
@@ -373,7 +392,7 @@ class BatchedChunks(ChunkRunner):
                 base_key = jax.random.key(hp["seed"] + 1)  # as chunks._base_key, traced
                 return chunk_steps(exp, group.learner_for(hp), base_key, state, data, n, presample)
 
-            return jax.vmap(one)(states, hparams)
+            return over_runs(one, exp.cfg, states, hparams)
 
         self._stream, self._jit, self._hparams = None, run, group.hparams
         self._data, self._compiled = exp.source.train_data, {}
@@ -421,7 +440,11 @@ class _BatchedCurves:
             )
             return curves(meta_params, tasks)
 
-        return jax.jit(jax.vmap(one, in_axes=(0, 0, None), out_axes=1))
+        def runs(hparams, meta_params, tasks):  # tasks on axis 0, runs on axis 1
+            curves = over_runs(lambda hp, mp: one(hp, mp, tasks), cfg, hparams, meta_params)
+            return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), curves)
+
+        return jax.jit(runs)
 
 
 def _train(group: RunGroup, states: MetaState) -> list[dict]:

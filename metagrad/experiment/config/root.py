@@ -100,6 +100,9 @@ class TrainLoopConfig(Node):
     # seed, inner.lr, outer.lr, the L2 terms) train as one compiled program, at most this many
     # runs each; 1: every run its own program.
     parallel_runs: int = 8
+    # How a batched program goes over its runs: vmap (one wide program: accelerators), map (one
+    # run after another inside the program, each run's working set in cache: CPUs), auto.
+    run_batching: str = "auto"
     # XLA's persistent compilation cache: a second run of the same program starts without
     # recompiling; in compile_cache_dir, null: the user's ($XDG_CACHE_HOME/metagrad/xla).
     compile_cache: bool = True
@@ -108,6 +111,8 @@ class TrainLoopConfig(Node):
     def check(self):
         self.need("steps", nonneg_int, "must be >= 0")
         self.need("parallel_runs", positive_int, "must be a positive integer")
+        runs = ("auto", "vmap", "map")
+        self.need("run_batching", lambda v: v in runs, "must be auto, vmap or map")
         self.need("meta_batch_size", positive_int, "must be a positive integer")
         self.need("chunk_steps", positive_int, "must be a positive integer")
         chunk = self.chunk_steps
