@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metagrad.tasks import Task, omniglot_io
+from metagrad.tasks import Task, omniglot, omniglot_io
 from metagrad.tasks.omniglot import (
     OmniglotFormatError,
     OmniglotNotFoundError,
@@ -189,6 +189,24 @@ def test_changed_source_is_never_served_stale(tmp_path, release, form):
     np.testing.assert_array_equal(data.images[0, 0], _expected(new_image))
     np.testing.assert_array_equal(data.images[1:], expected.images[1:])
     assert len(list((tmp_path / "cache" / "omniglot").glob("*.npz"))) == 2
+
+
+def test_first_decode_shows_progress_on_stderr_and_a_cache_hit_prints_nothing(
+    tmp_path, release, monkeypatch, capsys
+):
+    files, expected = release
+    data_dir = write_zips(tmp_path / "data", files)
+    monkeypatch.setattr(omniglot_io, "_PROGRESS_DELAY", 0.0)  # as if the decode took time
+    assert_same_data(
+        load_omniglot(data_dir, cache_dir=tmp_path / "quiet", progress=False), expected
+    )
+    assert capsys.readouterr().err == ""
+    assert_same_data(load_omniglot(data_dir, cache_dir=tmp_path / "cache"), expected)
+    err = capsys.readouterr().err
+    total = expected.images.shape[0] * expected.images.shape[1]
+    assert "decoding Omniglot once" in err and f"{total}/{total}" in err
+    assert_same_data(load_omniglot(data_dir, cache_dir=tmp_path / "cache"), expected)
+    assert capsys.readouterr().err == ""  # the cache hit
 
 
 def test_unreadable_cache_is_rebuilt_and_unwritable_cache_warns(tmp_path, release):
@@ -439,6 +457,38 @@ def test_sample_batch_is_vmap_of_sample_over_split_keys(key):
     for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(sampler.sample(key)), strict=True):
         np.testing.assert_array_equal(got, want)
     assert not np.array_equal(batch.support[0][0], batch.support[0][1])
+
+
+def test_sample_keys_draws_sample_batch_in_blocks(key):
+    sampler = make_sampler(random_split(4), ways=3, shots=1, query=2)
+    whole = sampler.sample_batch(key, 7)
+    keys = jax.random.split(key, 7)
+    blocks = [sampler.sample_keys(keys[a:b]) for a, b in ((0, 3), (3, 6), (6, 7))]
+    for got, want in zip(jax.tree.leaves(whole), jax.tree.leaves(blocks[0]), strict=True):
+        np.testing.assert_array_equal(got[:3], want)
+    joined = jax.tree.map(lambda *xs: np.concatenate(xs), *blocks)
+    for got, want in zip(jax.tree.leaves(joined), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_array_equal(got, want)  # bit for bit, every block
+    with pytest.raises(ValueError, match="1-d array of PRNG keys"):
+        sampler.sample_keys(key)
+
+
+def test_samplers_over_splits_of_one_shape_compile_once(key, monkeypatch):
+    traces = []
+
+    def counted(*args, **kwargs):
+        traces.append(1)  # runs only while JAX traces
+        return sample_task(*args, **kwargs)
+
+    monkeypatch.setattr(omniglot, "sample_task", counted)
+    # A shape no other test uses, so that no earlier compilation is cached.
+    first, second = random_split(7, seed=1)[:, :, :9, :9], random_split(7, seed=2)[:, :, :9, :9]
+    one = make_sampler(first, ways=3, shots=2, query=3).sample_batch(key, 3)
+    two = make_sampler(second, ways=3, shots=2, query=3).sample_batch(key, 3)
+    assert len(traces) == 1  # the held-out sampler made anew per validation does not recompile
+    assert not np.array_equal(one.support[0], two.support[0])  # each its own images
+    make_sampler(first, ways=3, shots=2, query=4).sample_batch(key, 3)
+    assert len(traces) == 2  # another task shape is another program
 
 
 def test_classes_labels_and_drawings_are_uniform(key):

@@ -134,6 +134,7 @@ def omniglot_splits(
     cache_dir: str | os.PathLike | None = None,
     split: str = "finn",
     seed: int = SPLIT_SEED,
+    progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """The images of the meta-train, validation and meta-test characters.
 
@@ -146,6 +147,7 @@ def omniglot_splits(
         split: ``"finn"`` (1,100 / 100 / 423 characters) or ``"alphabet"``; see
             :func:`split_characters`.
         seed: the seed of the split's shuffle.
+        progress: a progress bar on stderr during the first (uncached) decode.
 
     Returns:
         ``{"train", "val", "test"}`` -> ``uint8`` arrays ``(characters, 20, 28, 28)``, ink 255.
@@ -159,7 +161,7 @@ def omniglot_splits(
         Traceback (most recent call last):
         metagrad.tasks.omniglot_io.OmniglotNotFoundError: ...images_background.zip...
     """
-    data = load_omniglot(data_dir, cache_dir=cache_dir)
+    data = load_omniglot(data_dir, cache_dir=cache_dir, progress=progress)
     index = split_characters(data.alphabet, data.background, split=split, seed=seed)
     return {name: data.images[i] for name, i in index.items()}
 
@@ -196,7 +198,11 @@ class TaskIndices(NamedTuple):
 
 
 class TaskSampler(NamedTuple):
-    """``sample(key) -> Task`` and ``sample_batch(key, meta_batch_size) -> Task``, both jitted.
+    """``sample(key) -> Task``, ``sample_batch(key, meta_batch_size) -> Task`` and
+    ``sample_keys(keys) -> Task``, all jitted.
+
+    ``sample_batch(key, n)`` is ``sample_keys(jax.random.split(key, n))``, so a large held-out
+    set can be drawn in blocks, ``sample_keys(keys[a:b])``, with the same tasks bit for bit.
 
     Example:
         >>> sampler = make_sampler(np.zeros((2, 20, 8, 8), np.uint8), ways=3, shots=2, query=1)
@@ -207,6 +213,7 @@ class TaskSampler(NamedTuple):
 
     sample: Callable[[jax.Array], Task]
     sample_batch: Callable[[jax.Array, int], Task]
+    sample_keys: Callable[[jax.Array], Task]
 
 
 def _check_int(name: str, value: object, minimum: int = 1) -> None:
@@ -390,7 +397,9 @@ def make_sampler(
     Returns:
         A :class:`TaskSampler`: ``sample(key)`` gives one :class:`Task` as in
         :func:`sample_task`; ``sample_batch(key, meta_batch_size)`` vmaps it over
-        ``jax.random.split(key, meta_batch_size)``, adding a leading task axis to every leaf.
+        ``jax.random.split(key, meta_batch_size)``, adding a leading task axis to every leaf;
+        ``sample_keys(keys)`` vmaps it over the given keys. Samplers over splits of one shape
+        share their compilations.
 
     Raises:
         ValueError: ``ways``/``shots``/``query`` not positive ints, ``ways`` more than the
@@ -410,19 +419,39 @@ def make_sampler(
     _check_task_shape(
         images.shape[0], images.shape[1], ways=ways, shots=shots, query=query, rotations=rotations
     )
-    one = partial(sample_task, ways=ways, shots=shots, query=query, rotations=rotations)
-    one_jit = jax.jit(one)
-
-    @partial(jax.jit, static_argnames="meta_batch_size")
-    def batch_jit(images: jax.Array, key: jax.Array, meta_batch_size: int) -> Task:
-        keys = jax.random.split(key, meta_batch_size)
-        return jax.vmap(one, in_axes=(None, 0))(images, keys)
+    task = dict(ways=ways, shots=shots, query=query, rotations=rotations)
 
     def sample(key: jax.Array) -> Task:
-        return one_jit(images, key)
+        return _sample_jit(images, key, **task)
 
     def sample_batch(key: jax.Array, meta_batch_size: int) -> Task:
         _check_int("meta_batch_size", meta_batch_size)
-        return batch_jit(images, key, meta_batch_size=int(meta_batch_size))
+        return _sample_batch_jit(images, key, meta_batch_size=int(meta_batch_size), **task)
 
-    return TaskSampler(sample=sample, sample_batch=sample_batch)
+    def sample_keys(keys: jax.Array) -> Task:
+        if jnp.ndim(keys) != 1:
+            raise ValueError(f"keys must be a 1-d array of PRNG keys, got shape {jnp.shape(keys)}")
+        return _sample_keys_jit(images, keys, **task)
+
+    return TaskSampler(sample=sample, sample_batch=sample_batch, sample_keys=sample_keys)
+
+
+# Module-level, so every sampler over arrays of one shape shares one compilation: a held-out
+# split's sampler made anew for each validation does not compile again.
+_TASK_ARGS = ("ways", "shots", "query", "rotations")
+
+
+@partial(jax.jit, static_argnames=_TASK_ARGS)
+def _sample_jit(images, key, **task) -> Task:
+    return sample_task(images, key, **task)
+
+
+@partial(jax.jit, static_argnames=_TASK_ARGS)
+def _sample_keys_jit(images, keys, **task) -> Task:
+    return jax.vmap(lambda key: sample_task(images, key, **task))(keys)
+
+
+@partial(jax.jit, static_argnames=("meta_batch_size", *_TASK_ARGS))
+def _sample_batch_jit(images, key, meta_batch_size: int, **task) -> Task:
+    keys = jax.random.split(key, meta_batch_size)
+    return jax.vmap(lambda key: sample_task(images, key, **task))(keys)
