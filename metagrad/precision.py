@@ -50,10 +50,11 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
-PRECISIONS = ("float32", "bf16")
-"""The names ``train.precision`` accepts: ``float32`` (as written) and ``bf16``."""
+PRECISIONS = ("float32", "bf16", "bf16_full")
+"""The names ``train.precision`` accepts: ``float32`` (as written), ``bf16`` (products in bf16,
+the rest float32) and ``bf16_full`` (the whole model in bf16: half the stored activations)."""
 
-COMPUTE_DTYPES = {"bf16": jnp.bfloat16}
+COMPUTE_DTYPES = {"bf16": jnp.bfloat16, "bf16_full": jnp.bfloat16}
 
 _PRODUCTS = (prims.dot_general_p, prims.conv_general_dilated_p)
 _ACCUMULATE = jnp.float32
@@ -65,16 +66,20 @@ def check_precision(precision: str) -> None:
     Example:
         >>> check_precision("fp16")
         Traceback (most recent call last):
-        ValueError: precision must be one of ('float32', 'bf16'), got 'fp16'
+        ValueError: precision must be one of ('float32', 'bf16', 'bf16_full'), got 'fp16'
     """
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def mixed_precision(apply: Callable, precision: str = "bf16") -> Callable:
-    r"""``apply`` with its matrix products and convolutions in ``precision``.
+    r"""``apply`` with its matrix products and convolutions (or everything) in ``precision``.
 
-    ``"float32"`` returns ``apply`` itself. ``"bf16"`` returns a function with ``apply``'s
+    ``"float32"`` returns ``apply`` itself. ``"bf16_full"`` casts the params and floating
+    inputs to bfloat16 and the floating outputs back to float32: every operation of the model,
+    batch norm included, and every activation the backward pass keeps are bf16 (half the
+    activation memory), at a larger meta-gradient error (README, "Mixed precision").
+    ``"bf16"`` returns a function with ``apply``'s
     signature that, for every product :math:`y = x W` (or convolution) of floating operands,
     computes
 
@@ -95,11 +100,37 @@ def mixed_precision(apply: Callable, precision: str = "bf16") -> Callable:
         [('dot_general', ('bfloat16', 'bfloat16'), 'float32')]
         >>> mixed_precision(jnp.dot, "float32") is jnp.dot
         True
+        >>> matmul_dtypes(mixed_precision(lambda w, x: jnp.tanh(x @ w), "bf16_full"), w, x)
+        [('dot_general', ('bfloat16', 'bfloat16'), 'bfloat16')]
     """
     check_precision(precision)
     if precision == "float32":
         return apply
+    if precision == "bf16_full":
+        return _cast_all(apply, COMPUTE_DTYPES[precision])
     return _wrap(apply, COMPUTE_DTYPES[precision], _ACCUMULATE)
+
+
+def _cast_all(apply: Callable, dtype) -> Callable:
+    """``bf16_full``: params and floating inputs cast to ``dtype`` on the way in, floating
+    outputs to float32 on the way out, so the model's every operation and stored activation is
+    ``dtype``; reductions (``jnp.mean``, ``jnp.sum``) still accumulate in float32, as JAX does
+    for 16-bit floats, and the loss on the float32 outputs is float32."""
+
+    def cast(tree, to):
+        def one(x):
+            if _is_array(x) and jnp.issubdtype(jnp.result_type(x), jnp.floating):
+                return jnp.asarray(x).astype(to)
+            return x
+
+        return jax.tree.map(one, tree)
+
+    def full(*args, **kwargs):
+        out = apply(*cast(args, dtype), **cast(kwargs, dtype))
+        return cast(out, jnp.float32)
+
+    full.__wrapped__ = apply
+    return full
 
 
 def _wrap(apply: Callable, dtype, accumulate) -> Callable:
@@ -141,8 +172,8 @@ def rounded_reference(apply: Callable, precision: str = "bf16") -> Callable:
         1.0
     """
     check_precision(precision)
-    if precision == "float32":
-        return apply
+    if precision != "bf16":
+        raise ValueError(f"rounded_reference is the twin of precision='bf16', got {precision!r}")
     return _wrap(apply, COMPUTE_DTYPES[precision], jnp.float64)
 
 

@@ -63,18 +63,19 @@ def _image_task(key, size, shots=1, query=5, ways=5):
 def test_float32_is_the_identity(key):
     params, apply = _conv4()
     assert mixed_precision(apply, "float32") is apply
-    assert rounded_reference(apply, "float32") is apply
     x = jax.random.normal(key, (5, 16, 16, 1))
     np.testing.assert_array_equal(mixed_precision(apply, "float32")(params, x), apply(params, x))
 
 
 @pytest.mark.parametrize("bad", ["fp16", "bfloat16", "float64", "", None, 16])
 def test_unknown_precision_is_refused_in_one_line(bad):
-    with pytest.raises(ValueError, match=r"precision must be one of \('float32', 'bf16'\)"):
+    with pytest.raises(ValueError, match=r"precision must be one of \('float32', 'bf16', "):
         mixed_precision(lambda p, x: x, bad)
     with pytest.raises(ValueError, match="precision must be one of"):
         check_precision(bad)
-    assert PRECISIONS == ("float32", "bf16")
+    assert PRECISIONS == ("float32", "bf16", "bf16_full")
+    with pytest.raises(ValueError, match="twin of precision='bf16'"):
+        rounded_reference(lambda p, x: x, "float32")
 
 
 # ------------------------------------------------------------------------------ what runs in bf16
@@ -96,6 +97,34 @@ def test_every_product_of_conv4_runs_on_bf16_operands_into_float32(key):
     assert 0 < _rel(out, apply(params, x)) < 0.05  # rounded, not wrong
 
 
+def test_bf16_full_runs_the_whole_model_in_bf16(key):
+    """Every floating value inside the model is bf16 (batch norm included), the logits come
+    back float32, and the backward pass keeps bf16 activations only."""
+    params, apply = _conv4()
+    x = jax.random.normal(key, (5, 16, 16, 1))
+    full = mixed_precision(apply, "bf16_full")
+    assert all(ins == ("bfloat16", "bfloat16") for _, ins, _ in matmul_dtypes(full, params, x))
+    jaxpr = jax.make_jaxpr(full)(params, x).jaxpr
+    inner = [e for e in jaxpr.eqns[:-1] if e.primitive.name != "convert_element_type"]
+    floats = {
+        str(v.aval.dtype)
+        for e in inner
+        for v in e.outvars
+        if jnp.issubdtype(v.aval.dtype, jnp.floating)
+    }
+    assert floats <= {"bfloat16", "float32"}
+    assert full(params, x).dtype == jnp.float32
+    from jax._src.ad_checkpoint import saved_residuals  # JAX's print_saved_residuals' data
+
+    loss = lambda p: jnp.sum(full(p, x) ** 2)  # noqa: E731
+    kept: dict[str, int] = {}
+    for aval, why in saved_residuals(loss, params):
+        if "argument" not in why:
+            kept[str(aval.dtype)] = kept.get(str(aval.dtype), 0) + aval.size * aval.dtype.itemsize
+    assert kept.get("float32", 0) <= full(params, x).nbytes, kept  # the float32 logits alone
+    assert kept["bfloat16"] > 100 * full(params, x).nbytes, kept
+
+
 def test_products_inside_nested_jit_are_cast_too():
     inner = jax.jit(lambda w, x: x @ w)
     f = mixed_precision(lambda w, x: jnp.sum(inner(w, x) @ w.T))
@@ -113,9 +142,10 @@ def test_integer_products_are_left_alone():
 # ----------------------------------------------------------------------- float32 masters and state
 
 
-def test_master_params_meta_gradients_and_optimizer_state_stay_float32(key):
+@pytest.mark.parametrize("precision", ["bf16", "bf16_full"])
+def test_master_params_meta_gradients_and_optimizer_state_stay_float32(key, precision):
     params, apply = mnn.functional(mnn.MLP(1, (40, 40), 1, rngs=nnx.Rngs(0)))
-    loss_fn = mnn.mse_loss(mixed_precision(apply))
+    loss_fn = mnn.mse_loss(mixed_precision(apply, precision))
     est = mg.maml(steps=1, lr=0.01)
     tasks = sinusoid.sample_batch_flat(key, 4, shots=10, query=10)
     _, grads = jax.jit(lambda mp, t: mg.batch_value_and_grad(est, loss_fn, mp, t, 0))(
@@ -128,11 +158,12 @@ def test_master_params_meta_gradients_and_optimizer_state_stay_float32(key):
         assert dtypes == {jnp.dtype(jnp.float32)}, dtypes
 
 
-def test_inner_updates_below_bf16_resolution_are_kept(key):
+@pytest.mark.parametrize("precision", ["bf16", "bf16_full"])
+def test_inner_updates_below_bf16_resolution_are_kept(key, precision):
     """The adapted params are float32: an update of 1e-4 relative survives, where
     ``phi - lr * g`` in bfloat16 would round it away (bf16 resolves 2^-8 = 3.9e-3)."""
     params, apply = mnn.functional(mnn.MLP(1, (8,), 1, rngs=nnx.Rngs(0)))
-    loss_fn = mnn.mse_loss(mixed_precision(apply))
+    loss_fn = mnn.mse_loss(mixed_precision(apply, precision))
     x = jax.random.normal(key, (10, 1))
     batch = (x, jnp.sin(x))
     grads = jax.grad(loss_fn)(params, batch)
@@ -165,7 +196,8 @@ def _tanh_mlp(p, x):
     return x @ p["head"]["kernel"] + p["head"]["bias"]
 
 
-def test_second_order_meta_gradient_of_a_smooth_model_within_1e_2_of_float64(key):
+@pytest.mark.parametrize("precision", ["bf16", "bf16_full"])
+def test_second_order_meta_gradient_of_a_smooth_model_within_1e_2_of_float64(key, precision):
     """A tanh MLP 1-40-40-1 on a sinusoid task (no kinks): the bf16 second-order meta-gradient
     (two inner steps) against float64."""
     params, _ = mnn.functional(mnn.MLP(1, (40, 40), 1, rngs=nnx.Rngs(0)))
@@ -176,10 +208,9 @@ def test_second_order_meta_gradient_of_a_smooth_model_within_1e_2_of_float64(key
             est, mnn.mse_loss(_tanh_mlp), _cast(params, jnp.float64), _cast(task, jnp.float64)
         )
     g32 = _meta_grad(est, mnn.mse_loss(_tanh_mlp), params, task)
-    g16 = _meta_grad(est, mnn.mse_loss(mixed_precision(_tanh_mlp)), params, task)
-    fo16 = _meta_grad(
-        mg.fomaml(steps=2, lr=0.1), mnn.mse_loss(mixed_precision(_tanh_mlp)), params, task
-    )
+    mixed = mixed_precision(_tanh_mlp, precision)
+    g16 = _meta_grad(est, mnn.mse_loss(mixed), params, task)
+    fo16 = _meta_grad(mg.fomaml(steps=2, lr=0.1), mnn.mse_loss(mixed), params, task)
     assert _rel(g32, g64) < 1e-5
     assert _rel(g16, g64) < 1e-2, _rel(g16, g64)
     assert _rel(fo16, g64) > 3 * _rel(g16, g64)  # the second-order term is there
@@ -218,13 +249,17 @@ def test_conv4_second_order_meta_gradient_in_bf16(key):
 # --------------------------------------------------------------------------- stability in training
 
 
-def test_1000_sinusoid_meta_steps_in_bf16_stay_finite():
+@pytest.mark.parametrize("precision", ["bf16", "bf16_full"])
+def test_1000_sinusoid_meta_steps_in_bf16_stay_finite(precision):
     """Finn et al.'s sinusoid MAML (MLP 1-40-40-1, meta-batch 25, one step at 0.01, Adam 1e-3)
     in bf16 for 1,000 compiled meta-steps: every loss, gradient norm and parameter is finite,
     and the loss falls."""
     params, apply = mnn.functional(mnn.MLP(1, (40, 40), 1, rngs=nnx.Rngs(0)))
     learner = mg.meta_learner(
-        mnn.mse_loss(mixed_precision(apply)), mg.maml(steps=1, lr=0.01), optax.adam(1e-3), jit=False
+        mnn.mse_loss(mixed_precision(apply, precision)),
+        mg.maml(steps=1, lr=0.01),
+        optax.adam(1e-3),
+        jit=False,
     )
 
     def step(carry, _):
