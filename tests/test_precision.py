@@ -45,7 +45,7 @@ def _meta_grad(estimator, loss_fn, params, task):
     return f(params, task)
 
 
-def _conv4(seed=0, hidden=8):
+def _conv4(seed=0, hidden=4):
     return mnn.functional(mnn.Conv4(1, 5, hidden=hidden, conv_impl="patches", rngs=nnx.Rngs(seed)))
 
 
@@ -63,7 +63,7 @@ def _image_task(key, size, shots=1, query=5, ways=5):
 def test_float32_is_the_identity(key):
     params, apply = _conv4()
     assert mixed_precision(apply, "float32") is apply
-    x = jax.random.normal(key, (5, 16, 16, 1))
+    x = jax.random.normal(key, (5, 8, 8, 1))
     np.testing.assert_array_equal(mixed_precision(apply, "float32")(params, x), apply(params, x))
 
 
@@ -83,7 +83,7 @@ def test_unknown_precision_is_refused_in_one_line(bad):
 
 def test_every_product_of_conv4_runs_on_bf16_operands_into_float32(key):
     params, apply = _conv4()
-    x = jax.random.normal(key, (5, 16, 16, 1))
+    x = jax.random.normal(key, (5, 8, 8, 1))
     plain, mixed = matmul_dtypes(apply, params, x), matmul_dtypes(mixed_precision(apply), params, x)
     assert len(plain) == len(mixed) >= 5  # four convolutions' products and the head
     assert all(ins == ("float32", "float32") for _, ins, _ in plain)
@@ -101,18 +101,13 @@ def test_bf16_full_runs_the_whole_model_in_bf16(key):
     """Every floating value inside the model is bf16 (batch norm included), the logits come
     back float32, and the backward pass keeps bf16 activations only."""
     params, apply = _conv4()
-    x = jax.random.normal(key, (5, 16, 16, 1))
+    x = jax.random.normal(key, (5, 8, 8, 1))
     full = mixed_precision(apply, "bf16_full")
-    assert all(ins == ("bfloat16", "bfloat16") for _, ins, _ in matmul_dtypes(full, params, x))
+    products = matmul_dtypes(full, params, x)
+    assert products and all(p[1:] == (("bfloat16", "bfloat16"), "bfloat16") for p in products)
     jaxpr = jax.make_jaxpr(full)(params, x).jaxpr
-    inner = [e for e in jaxpr.eqns[:-1] if e.primitive.name != "convert_element_type"]
-    floats = {
-        str(v.aval.dtype)
-        for e in inner
-        for v in e.outvars
-        if jnp.issubdtype(v.aval.dtype, jnp.floating)
-    }
-    assert floats <= {"bfloat16", "float32"}
+    rsqrt = [e.outvars[0].aval.dtype for e in jaxpr.eqns if e.primitive.name == "rsqrt"]
+    assert len(rsqrt) == 4 and all(d == jnp.bfloat16 for d in rsqrt)  # batch norm in bf16
     assert full(params, x).dtype == jnp.float32
     from jax._src.ad_checkpoint import saved_residuals  # JAX's print_saved_residuals' data
 
@@ -122,7 +117,7 @@ def test_bf16_full_runs_the_whole_model_in_bf16(key):
         if "argument" not in why:
             kept[str(aval.dtype)] = kept.get(str(aval.dtype), 0) + aval.size * aval.dtype.itemsize
     assert kept.get("float32", 0) <= full(params, x).nbytes, kept  # the float32 logits alone
-    assert kept["bfloat16"] > 100 * full(params, x).nbytes, kept
+    assert kept["bfloat16"] > 20 * full(params, x).nbytes, kept
 
 
 def test_products_inside_nested_jit_are_cast_too():

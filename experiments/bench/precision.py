@@ -213,11 +213,12 @@ def train_rows(args, samplers) -> list[dict]:
         train_s = time.perf_counter() - t0
         losses = np.concatenate(losses)
         evaluate = jax.jit(
-            lambda mp, t, est=est, wrapped=wrapped: mg.batch_value_and_grad(
-                est, cross_entropy_loss(wrapped), mp, t, 0, task_batching="map"
-            )[0][1]
+            lambda mp, t, est=est, wrapped=wrapped: lax.map(
+                lambda task: est.objective(cross_entropy_loss(wrapped), mp, task, 0)[1]["acc_post"],
+                t,
+            )
         )
-        m = evaluate(state.meta_params, test)
+        acc = np.asarray(evaluate(state.meta_params, test), np.float64)
         rows.append(
             {
                 "mode": mode,
@@ -225,7 +226,8 @@ def train_rows(args, samplers) -> list[dict]:
                 "finite": bool(np.all(np.isfinite(losses))),
                 "loss_first_50": float(np.mean(losses[:50])),
                 "loss_last_50": float(np.mean(losses[-50:])),
-                "test_acc_post": float(m["acc_post"]),
+                "test_acc_post": float(acc.mean()),
+                "test_acc_ci95": float(1.96 * acc.std(ddof=1) / np.sqrt(len(acc))),
                 "test_tasks": args.test_tasks,
                 "train_s": train_s,
             }
@@ -286,12 +288,13 @@ def print_report(report: dict) -> None:
         for k, v in report["error"].items():
             print(f"  {k}: {v:.2e}")
     if "train" in report:
-        print("\n| precision | meta-steps | loss first/last 50 | test acc | finite |")
+        print("\n| precision | meta-steps | loss first/last 50 | test acc (95% CI) | finite |")
         print("| --- | --- | --- | --- | --- |")
         for r in report["train"]:
             print(
                 f"| {r['mode']} | {r['meta_steps']} | {r['loss_first_50']:.3f} / "
-                f"{r['loss_last_50']:.3f} | {r['test_acc_post']:.3f} | {r['finite']} |"
+                f"{r['loss_last_50']:.3f} | {r['test_acc_post']:.3f} +- {r['test_acc_ci95']:.3f} | "
+                f"{r['finite']} |"
             )
 
 
