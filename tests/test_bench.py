@@ -34,9 +34,22 @@ def test_speed_benchmark_times_the_sinusoid_rows(tmp_path):
     )
     report = json.loads(out.read_text())
     rows = report["results"]
-    modes = {(r["task_batching"], r["mode"], r["steps_per_call"]) for r in rows}
-    assert modes == {("vmap", "dispatch", 1), ("vmap", "scan", 20), ("map", "scan", 20)}
-    assert all(r["meta_steps_per_s"] > 0 and r["peak_bytes"] > 0 for r in rows)
+    sinusoid = [r for r in rows if r["workload"] == "sinusoid"]
+    modes = {
+        (r["task_batching"], r["mode"], r["steps_per_call"], bool(r["xla_options"]))
+        for r in sinusoid
+    }
+    assert modes == {
+        ("vmap", "dispatch", 1, True),
+        ("vmap", "scan", 20, True),
+        ("vmap", "scan", 20, False),  # XLA's defaults, to show what the options give
+        ("map", "scan", 20, True),
+    }
+    assert all(r["meta_steps_per_s"] > 0 and r["peak_bytes"] > 0 for r in sinusoid)
+    [peak] = [r for r in rows if r["workload"] == "peak"]
+    assert peak["gflop_per_s"] > 0 and peak["flops_per_meta_step"] == 2 * 2048**3
+    for r in sinusoid:  # each row's rate against the peak measured in the same run
+        assert r["fraction_of_peak"] == pytest.approx(r["gflop_per_s"] / peak["gflop_per_s"])
     assert report["peers"] == [] and report["args"]["only"] == ["sinusoid"]
 
 
@@ -57,6 +70,18 @@ def test_per_example_benchmark_reports_the_ratio(tmp_path):
     run_module("per_example", "--target-s=0.01", "--blocks=1", f"--json={out}")
     result = json.loads(out.read_text())
     assert result["speedup"] == pytest.approx(result["vmap_grad_s"] / result["jit_vmap_grad_s"])
+
+
+def test_fraction_of_peak_is_against_the_peak_row_of_the_same_run():
+    rows = [
+        {"workload": "peak", "gflop_per_s": 100.0},
+        {"workload": "sinusoid", "gflop_per_s": 25.0},
+        {"workload": "conv4", "gflop_per_s": None},  # XLA counted no flops
+    ]
+    assert harness.add_fraction_of_peak(rows) == 100.0
+    assert rows[1]["fraction_of_peak"] == 0.25 and "fraction_of_peak" not in rows[2]
+    assert "fraction_of_peak" not in rows[0]
+    assert harness.add_fraction_of_peak(rows[1:]) is None  # no peak row: nothing to divide by
 
 
 def _conv4(meta_batch: int, steps_per_s: float, **more) -> dict:

@@ -93,11 +93,28 @@ def _foreign_cpu(c0, c1, window_s: float) -> float | None:
     return foreign / (window_s * (os.cpu_count() or 1))
 
 
-def compile_step(fn: Callable, *args):
-    """``(compiled, seconds to trace, lower and compile)``."""
+def compile_step(fn: Callable, *args, compiler_options: dict | None = None):
+    """``(compiled, seconds to trace, lower and compile)``; ``compiler_options`` are XLA debug
+    options for this compilation alone (as ``XLA_FLAGS`` would set them for every one)."""
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options or None)
     return compiled, time.perf_counter() - t0
+
+
+# XLA's CPU backend hands dots, and by default also elementwise and reduce ops, to YNNPACK. For
+# the sinusoid MLP's tiny per-task arrays (10 x 40) the YNNPACK reductions cost more than XLA's
+# own fused loops: with dots alone in YNNPACK, second-order MAML runs 1.16x faster (meta-steps
+# per CPU-second, measured twice, interleaved in one process on the 2-core CPU). On Conv4 the
+# same option is 0.68x: its batch-norm reductions over 75 x 14 x 14 x 64 activations do
+# belong in YNNPACK. So the option is the sinusoid rows' alone.
+SMALL_MODEL_XLA_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+}
+
+
+def small_model_xla_options() -> dict:
+    """:data:`SMALL_MODEL_XLA_OPTIONS` on CPU, nothing elsewhere."""
+    return dict(SMALL_MODEL_XLA_OPTIONS) if jax.default_backend() == "cpu" else {}
 
 
 def cost_and_memory(compiled) -> dict:
@@ -217,12 +234,21 @@ def lean_maml(steps: int, lr: float) -> mg.MetaGradEstimator:
 def bench_sinusoid(timing: Timing, *, chunk: int) -> list[dict]:
     """Sinusoid MAML (meta-batch 25, K = 10 + 10, one inner step at 0.01, Adam 1e-3): one
     dispatch per meta-step with vmap over tasks, and ``chunk`` meta-steps per compiled call
-    (``lax.scan``, tasks sampled on the device) with vmap and with ``lax.map``."""
+    (``lax.scan``) with vmap and with ``lax.map``. The chunked calls draw the chunk's tasks on
+    the device ahead of the scan, in one call batched over steps, as the CLI's training loop
+    does (`metagrad.experiment.chunks`); the per-step call draws its own. Every row compiles
+    with :func:`small_model_xla_options` (``xla_options`` in the row) but one, the vmap scan
+    with XLA's defaults, which shows what the options give."""
     mb, k = 25, 10
     params, apply = sinusoid_mlp()
     rows, step_flops = [], None
-    # (task batching, timing mode): vmap is timed both ways, lax.map to choose the default
-    for tb, mode in (("vmap", "dispatch"), ("vmap", "scan"), ("map", "scan")):
+    tuned = small_model_xla_options()
+    # (task batching, timing mode, XLA options): vmap is timed both ways, lax.map to choose
+    # the default
+    configs = [("vmap", "dispatch", tuned), ("vmap", "scan", tuned), ("map", "scan", tuned)]
+    if tuned:
+        configs.insert(2, ("vmap", "scan", {}))
+    for tb, mode, xla_options in configs:
         learner = mg.meta_learner(
             mse_loss(apply),
             mg.maml(steps=1, lr=0.01),
@@ -232,23 +258,22 @@ def bench_sinusoid(timing: Timing, *, chunk: int) -> list[dict]:
         )
         state = learner.init(mg.MetaParams(params))
 
-        def one_step(state, key, learner=learner):
+        def dispatch(state, key, learner=learner):  # one dispatch per meta-step
             key, sub = jax.random.split(key)
             state, metrics = learner.update(state, sinusoid_tasks(sub, mb, k, k))
-            return (state, key), metrics["meta_loss"]
+            return state, (key, metrics["meta_loss"])
 
-        def dispatch(state, key, one_step=one_step):  # one dispatch per meta-step
-            (state, key), loss = one_step(state, key)
-            return state, (key, loss)
-
-        def scanned(state, key, one_step=one_step):  # `chunk` meta-steps per dispatch
-            (state, key), losses = lax.scan(
-                lambda c, _: one_step(*c), (state, key), None, length=chunk
-            )
-            return state, (key, losses[-1])
+        def scanned(state, key, learner=learner):  # `chunk` meta-steps per dispatch
+            key, sub = jax.random.split(key)
+            keys = jax.random.split(sub, chunk)
+            tasks = jax.vmap(lambda kk: sinusoid_tasks(kk, mb, k, k))(keys)
+            state, metrics = lax.scan(learner.update, state, tasks)
+            return state, (key, metrics["meta_loss"][-1])
 
         fn, steps_per_call = (dispatch, 1) if mode == "dispatch" else (scanned, chunk)
-        compiled, compile_s = compile_step(fn, state, jax.random.key(0))
+        compiled, compile_s = compile_step(
+            fn, state, jax.random.key(0), compiler_options=xla_options
+        )
         cm = cost_and_memory(compiled)
         if mode == "dispatch":  # loop-free: XLA counts every op once
             step_flops = cm["flops"]
@@ -260,10 +285,35 @@ def bench_sinusoid(timing: Timing, *, chunk: int) -> list[dict]:
             "inner_steps": 1,
             "task_batching": tb,
             "steps_per_call": steps_per_call,
+            "xla_options": xla_options,
         }
         sps = t["calls_per_s"] * steps_per_call
         rows.append(row("sinusoid", config, sps, mb, compile_s, step_flops, cm, t))
     return rows
+
+
+def bench_matmul_peak(timing: Timing, n: int = 2048) -> dict:
+    """The machine's float32 matrix-multiply rate: ``jnp.dot`` of two ``n x n`` matrices, timed
+    as every other row (median of blocks); the "fraction of peak" of the other rows is theirs
+    against this one, measured in the same run."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    compiled, compile_s = compile_step(jnp.dot, a, b)
+    t = time_calls(lambda: compiled(a, b), timing)
+    config = {"mode": f"jnp.dot {n}x{n} float32"}
+    return row(
+        "peak", config, t["calls_per_s"], 1, compile_s, 2.0 * n**3, cost_and_memory(compiled), t
+    )
+
+
+def add_fraction_of_peak(results: list[dict]) -> float | None:
+    """Sets each row's ``fraction_of_peak`` (its GFLOP/s over the ``peak`` row's); returns the
+    peak GFLOP/s, or None without a peak row."""
+    peak = next((r["gflop_per_s"] for r in results if r.get("workload") == "peak"), None)
+    for r in results:
+        if peak and r.get("gflop_per_s") and r["workload"] != "peak":
+            r["fraction_of_peak"] = r["gflop_per_s"] / peak
+    return peak
 
 
 def conv4_learner(*, arch: str, impl: str, task_batching, estimator, meta_batch: int):
@@ -343,7 +393,10 @@ def label(r: dict) -> str:
         mb, tb = r.get("meta_batch"), r.get("task_batching")
         return f"devices={r['devices']} {r['model']} mb{mb} {tb}"
     if r["workload"] == "sinusoid":
-        return f"sinusoid mb{r['meta_batch']} {r['task_batching']} {r['mode']}"
+        xla = " (XLA defaults)" if "xla_options" in r and not r["xla_options"] else ""
+        return f"sinusoid mb{r['meta_batch']} {r['task_batching']} {r['mode']}{xla}"
+    if r["workload"] == "peak":
+        return f"peak: {r['mode']}"
     parts = [
         r["workload"],
         r.get("arch", ""),
@@ -410,7 +463,7 @@ def add_ratios(results: list[dict], peers: list[dict]) -> list[dict]:
 def print_table(results: list[dict], peers: list[dict]) -> None:
     header = (
         f"{'workload':55s} {'steps/s':>9s} {'tasks/s':>8s} {'compile':>8s} {'GFLOP/s':>8s} "
-        f"{'peak MiB':>9s} {'foreign':>8s} {'x peer':>7s}"
+        f"{'of peak':>8s} {'peak MiB':>9s} {'foreign':>8s} {'x peer':>7s}"
     )
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
@@ -420,6 +473,7 @@ def print_table(results: list[dict], peers: list[dict]) -> None:
         print(
             f"{label(r):55s} {r['meta_steps_per_s']:9.3f} {r['tasks_per_s']:8.1f} "
             f"{r['compile_s']:7.1f}s {fmt(r['gflop_per_s'], '8.1f')} "
+            f"{fmt(r.get('fraction_of_peak'), '8.0%')} "
             f"{fmt((r['peak_bytes'] or 0) / 2**20, '9.1f')} {fmt(r['foreign_cpu'], '8.0%')} "
             f"{fmt(r.get('ratio_to_peer'), '7.2f')}"
         )

@@ -14,8 +14,11 @@ Workloads (second-order MAML unless said otherwise):
 - ``inner_steps``: Conv4 strided, meta-batch 4: MAML, MAML with remat, first-order MAML and iMAML
   at 1, 5, 10, 20 and 100 inner steps; peak memory and step time, plotted to a PNG.
 
-For each: meta-steps/s, tasks/s, compile time, GFLOP/s and the compiled step's memory (how they
-are measured: `experiments.bench.harness`). Device counts are `experiments.bench.devices`.
+For each: meta-steps/s, tasks/s, compile time, GFLOP/s, GFLOP/s as a fraction of the machine's
+matrix-multiply peak (a 2048x2048 float32 ``jnp.dot`` timed first in the same run, the ``peak``
+row) and the compiled step's memory (how they are measured: `experiments.bench.harness`). With
+``--peers``, the last table has the README's rows: ours, the fastest correct peer, the ratio.
+Device counts are `experiments.bench.devices`.
 
     python -m experiments.bench.speed --quick                      # smoke run, a few minutes
     python -m experiments.bench.speed --out bench.json --peers     # everything, with the peers
@@ -182,6 +185,55 @@ def plot_inner_steps(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def readme_rows(results: list[dict]) -> list[dict]:
+    """The rows of the README's table: sinusoid in scanned chunks and one dispatch per step
+    (vmap), and per Conv4 architecture and meta-batch the fastest full-MAML configuration and
+    its lean twin."""
+    ok = [r for r in results if "error" not in r]
+    out = [r for r in ok if r["workload"] == "sinusoid" and r["task_batching"] == "vmap"]
+    out.sort(key=lambda r: (r["mode"] != "scan", not r.get("xla_options")))
+    for arch, mb in sorted(
+        {(r["arch"], r["meta_batch"]) for r in ok if r["workload"] == "conv4"},
+        key=lambda am: (am[0], am[1]),
+    ):
+        same = [
+            r for r in ok if r["workload"] == "conv4" and (r["arch"], r["meta_batch"]) == (arch, mb)
+        ]
+        full = [r for r in same if r["estimator"] == "maml"]
+        if full:
+            out.append(max(full, key=lambda r: r["meta_steps_per_s"]))
+        out += [r for r in same if r["estimator"] == "maml_lean"]
+    return out
+
+
+def print_readme_rows(results: list[dict], peak: float | None) -> None:
+    """The README's performance table, as Markdown."""
+    rows = readme_rows(results)
+    if not rows:
+        return
+    peak_s = f"{peak:.1f} GFLOP/s" if peak else "not measured"
+    print(f"\nREADME rows (matrix-multiply peak in this run: {peak_s})\n")
+    print(
+        "| workload | metagrad, meta-steps/s | fastest correct peer | ratio | compile | "
+        "GFLOP/s | of peak |\n| --- | --- | --- | --- | --- | --- | --- |"
+    )
+    for r in rows:
+        peer = (
+            f"{r['peer']} (threads {r.get('peer_threads')}), {r['peer_meta_steps_per_s']:.3g}"
+            if r.get("peer")
+            else "-"
+        )
+        what = harness.label(r)
+        if r["workload"] == "conv4":
+            what += f" ({r['conv_impl']} conv, task batching {r['task_batching']})"
+        print(
+            f"| {what} | {r['meta_steps_per_s']:.4g} | {peer} | "
+            f"{harness.fmt(r.get('ratio_to_peer'), '.2f')}x | {r['compile_s']:.1f} s | "
+            f"{harness.fmt(r.get('gflop_per_s'), '.1f')} | "
+            f"{harness.fmt(r.get('fraction_of_peak'), '.0%')} |"
+        )
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -254,12 +306,14 @@ def main(argv=None) -> dict:
         f"jax {env['jax']}); default conv impl {env['default_conv_impl']}",
         flush=True,
     )
-    results: list[dict] = []
+    results: list[dict] = [harness.bench_matmul_peak(timing)]
+    harness.print_progress(results[0])
     if "sinusoid" in args.only:
         print("sinusoid MAML", flush=True)
-        results += harness.bench_sinusoid(timing, chunk=20 if args.quick else 200)
-        for r in results:
+        sinusoid_rows = harness.bench_sinusoid(timing, chunk=20 if args.quick else 200)
+        for r in sinusoid_rows:
             harness.print_progress(r)
+        results += sinusoid_rows
     if "conv4" in args.only:
         print("Conv4 MAML", flush=True)
         results += bench_conv4(args, timing)
@@ -269,6 +323,7 @@ def main(argv=None) -> dict:
 
     peers = run_peers(args) if args.peers else []
     ratios = harness.add_ratios(results, peers)
+    peak = harness.add_fraction_of_peak(results)
     harness.print_table(results, peers)
     fastest = fastest_configs(results)
     for f in fastest:
@@ -279,6 +334,8 @@ def main(argv=None) -> dict:
                 for r in f["ranking"]
             )
         )
+
+    print_readme_rows(results, peak)
 
     plot = None
     sweep = [r for r in results if r["workload"] == "inner_steps"]
