@@ -7,7 +7,7 @@ implicit-differentiation module; its estimator is ``metagrad.estimators.implicit
 function of that name would hide the module from ``import metagrad.implicit as ...``).
 """
 
-from metagrad import quant
+from metagrad import precision, quant
 from metagrad._types import MetaParams, Task
 from metagrad.autodiff import (
     Estimate,
@@ -54,6 +54,7 @@ from metagrad.outer import (
     default_task_batching,
     meta_learner,
 )
+from metagrad.precision import mixed_precision
 from metagrad.stop_gradient import straight_through, td_loss
 
 __version__ = "0.1.0"
@@ -94,9 +95,11 @@ __all__ = [
     "meta_learner",
     "meta_loss",
     "metasgd",
+    "mixed_precision",
     "per_example_grad_norms",
     "per_example_grads",
     "pes",
+    "precision",
     "protomaml",
     "protonet",
     "quant",

@@ -50,6 +50,9 @@ EXPECTED = {
     "es",
     "es_grad",
     "pes",
+    # mixed precision
+    "mixed_precision",
+    "precision",
     # implicit differentiation
     "implicit_diff",
     "implicit_vjp",

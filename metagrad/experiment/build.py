@@ -39,6 +39,7 @@ from metagrad.experiment.config import (
 )
 from metagrad.nn.losses import with_support_context
 from metagrad.outer import default_task_batching
+from metagrad.precision import mixed_precision
 from metagrad.tasks import sinusoid
 
 
@@ -233,6 +234,7 @@ def build_model(cfg, key: jax.Array) -> Model:
         # Under one jit: eager initialisers compile every primitive on its own (seconds on CPU).
         module = nnx.jit(lambda k: cls(1, tuple(m.hidden), 1, rngs=nnx.Rngs(params=k)))(key)
         params, apply = mnn.functional(module)
+        apply = mixed_precision(apply, str(cfg.train.precision))
         return Model(params, apply, mnn.mse_loss(apply), None, False)
     in_channels = type(cfg.task).IN_CHANNELS
     # ProtoNets and the closed-form heads fit their classifier to each support set: no head.
@@ -257,6 +259,7 @@ def build_model(cfg, key: jax.Array) -> Model:
             **common,
         )
     params, apply = mnn.functional(module)
+    apply = mixed_precision(apply, str(cfg.train.precision))  # float32: apply itself
     if cfg.algo.EMBEDDING:  # these estimators take the embedding where others take a loss
         return Model(params, apply, apply, None, False)
     step_arg = m.bn_policy == BNPolicy.per_step

@@ -88,6 +88,15 @@ class BNPolicy(StrEnum):
     support = "support"  # the query normalised with support statistics only
 
 
+class Precision(StrEnum):
+    """``train.precision``: how the model computes (metagrad.precision); the parameters, the
+    meta-gradients and the optimizer state stay float32 in every mode."""
+
+    float32 = "float32"
+    bf16 = "bf16"  # products and convolutions on bfloat16 operands, float32 accumulation
+    bf16_full = "bf16_full"  # the whole model in bfloat16 (half the stored activations)
+
+
 class Quantizer(StrEnum):
     uniform = "uniform"
     ternary = "ternary"

@@ -16,6 +16,7 @@ from metagrad.experiment.config.base import (
     OuterOptimizer,
     Padding,
     Pool,
+    Precision,
     Schedule,
     finite,
     is_int,
@@ -100,6 +101,10 @@ class TrainLoopConfig(Node):
     # seed, inner.lr, outer.lr, the L2 terms) train as one compiled program, at most this many
     # runs each; 1: every run its own program.
     parallel_runs: int = 8
+    # float32; bf16: the model's products and convolutions on bfloat16 operands with float32
+    # accumulation (batch norm, loss in float32); bf16_full: the whole model in bfloat16. The
+    # parameters, meta-gradients and optimizer state stay float32 (metagrad.precision).
+    precision: Precision = Precision.float32
     # How a batched program goes over its runs: vmap (one wide program: accelerators), map (one
     # run after another inside the program, each run's working set in cache: CPUs), auto.
     run_batching: str = "auto"
