@@ -49,6 +49,31 @@ def default_task_batching(backend: str | None = None, *, convolutional: bool = F
     return "map" if backend == "cpu" and convolutional else "vmap"
 
 
+# XLA's CPU backend hands dots, and by default also elementwise and reduce ops, to YNNPACK.
+_DOTS_ONLY_IN_YNNPACK = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+}
+
+
+def default_compiler_options(backend: str | None = None, *, convolutional: bool = False) -> dict:
+    """XLA options to compile a meta-step with (``jax.jit(..., compiler_options=...)``): on CPU,
+    for models without convolutions, YNNPACK for the dots alone; nothing otherwise.
+
+    Measured on a 2-core CPU, interleaved in one process (meta-steps per CPU-second, twice):
+    second-order MAML on the sinusoid MLP runs 1.16x faster with XLA's own fused loops for its
+    tiny (10 x 40 per task) elementwise and reduce ops, while on Conv4 the same option is
+    0.68x: its batch-norm reductions over 75 x 14 x 14 x 64 activations belong in YNNPACK.
+
+    Example:
+        >>> default_compiler_options("cpu")
+        {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+        >>> default_compiler_options("cpu", convolutional=True), default_compiler_options("gpu")
+        ({}, {})
+    """
+    backend = backend or jax.default_backend()
+    return dict(_DOTS_ONLY_IN_YNNPACK) if backend == "cpu" and not convolutional else {}
+
+
 def batch_value_and_grad(
     estimator: MetaGradEstimator,
     loss_fn: LossFn,
@@ -273,6 +298,7 @@ __all__ = [
     "MetaLearner",
     "MetaState",
     "batch_value_and_grad",
+    "default_compiler_options",
     "default_task_batching",
     "meta_learner",
     "sharded_batch_value_and_grad",

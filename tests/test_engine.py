@@ -405,6 +405,18 @@ def test_remat_and_imaml_memory():
     assert imaml10 <= imaml2
 
 
+def test_default_compiler_options_compile_and_keep_the_values():
+    from metagrad.outer import default_compiler_options
+
+    assert default_compiler_options("cpu", convolutional=True) == {}
+    assert default_compiler_options("gpu") == {} == default_compiler_options("tpu")
+    options = default_compiler_options()  # this backend's: an unknown option would not compile
+    f = lambda x: jnp.sum(jnp.tanh(x @ x.T), axis=0)
+    x = jax.random.normal(jax.random.key(0), (10, 40))
+    compiled = jax.jit(f).lower(x).compile(compiler_options=options or None)
+    np.testing.assert_allclose(compiled(x), jax.jit(f)(x), rtol=1e-12)
+
+
 def test_default_task_batching_is_map_only_for_convolutions_on_cpu():
     from metagrad.outer import default_task_batching
 

@@ -40,6 +40,7 @@ from jax import lax
 
 import metagrad as mg
 from metagrad.nn import MLP, Conv4, cross_entropy_loss, default_conv_impl, functional, mse_loss
+from metagrad.outer import default_compiler_options
 from metagrad.tasks import sinusoid
 
 CONV_IMPLS = ("lax", "patches")
@@ -101,20 +102,11 @@ def compile_step(fn: Callable, *args, compiler_options: dict | None = None):
     return compiled, time.perf_counter() - t0
 
 
-# XLA's CPU backend hands dots, and by default also elementwise and reduce ops, to YNNPACK. For
-# the sinusoid MLP's tiny per-task arrays (10 x 40) the YNNPACK reductions cost more than XLA's
-# own fused loops: with dots alone in YNNPACK, second-order MAML runs 1.16x faster (meta-steps
-# per CPU-second, measured twice, interleaved in one process on the 2-core CPU). On Conv4 the
-# same option is 0.68x: its batch-norm reductions over 75 x 14 x 14 x 64 activations do
-# belong in YNNPACK. So the option is the sinusoid rows' alone.
-SMALL_MODEL_XLA_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
-}
-
-
 def small_model_xla_options() -> dict:
-    """:data:`SMALL_MODEL_XLA_OPTIONS` on CPU, nothing elsewhere."""
-    return dict(SMALL_MODEL_XLA_OPTIONS) if jax.default_backend() == "cpu" else {}
+    """The sinusoid rows' XLA options: :func:`metagrad.outer.default_compiler_options` for a
+    model without convolutions (YNNPACK for dots alone on CPU, 1.16x there; nothing elsewhere).
+    Conv4's rows keep XLA's defaults, as that function's measurements say they should."""
+    return default_compiler_options(convolutional=False)
 
 
 def cost_and_memory(compiled) -> dict:
@@ -353,6 +345,11 @@ def run_conv4(config: dict, timing: Timing, estimator, flops_cache: dict) -> dic
     t = time_calls(stateful(compiled, state, tasks), timing)
     mb = config["meta_batch"]
     flops = flops_cache.get(flops_key)
+    if flops is None and config["task_batching"] == "map" and cm["flops"]:
+        # No vmap twin measured (the lean rows): XLA counted the loop body, one task, once.
+        # Times the meta-batch this overcounts only the optimizer update (Conv4 mb4: 0.09%).
+        flops = cm["flops"] * mb
+        config["flops_from"] = "one task's lax.map body x meta-batch"
     return row(config.pop("workload"), config, t["calls_per_s"], mb, compile_s, flops, cm, t)
 
 
