@@ -46,6 +46,7 @@ from metagrad.experiment.chunks import (
 from metagrad.experiment.config import ImageTaskConfig, Sampling, validate
 from metagrad.experiment.evaluation import make_curve_fn, summarize
 from metagrad.experiment.loop import (
+    TASKS_PER_CALL,
     Experiment,
     NonFiniteLoss,
     TrainingInterrupted,
@@ -416,7 +417,7 @@ class _BatchedCurves:
         if fn is None:
             fn = self._fns[(steps, post)] = self._compile(steps, post)
         tasks = g.exp.heldout_tasks(split, num_tasks)
-        block = min(g.exp.cfg.eval.batch_size, num_tasks)
+        block = min(max(g.exp.cfg.eval.batch_size, TASKS_PER_CALL), num_tasks)
         curves = _in_blocks(lambda mp, t: fn(g.hparams, mp, t), meta_params, tasks, block)
         out = []
         for i in range(g.size):  # tasks on axis 0, runs on axis 1
@@ -431,13 +432,8 @@ class _BatchedCurves:
 
         def one(hp, meta_params, tasks):
             estimator = g.estimator_for(hp, steps=post if adapts_inside else None)
-            curves = make_curve_fn(
-                estimator,
-                model.loss_fn,
-                model.metrics_fn,
-                steps=steps,
-                batch_size=cfg.eval.batch_size,
-            )
+            options = g.exp.curve_options(steps)
+            curves = make_curve_fn(estimator, model.loss_fn, model.metrics_fn, **options)
             return curves(meta_params, tasks)
 
         def runs(hparams, meta_params, tasks):  # tasks on axis 0, runs on axis 1

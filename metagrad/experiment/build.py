@@ -52,6 +52,9 @@ class Model:
     loss_fn: Callable
     metrics_fn: Callable | None
     step_arg: bool  # the model takes the inner step index (MAML++ per-step batch norm)
+    # ``(params, batch, step=None) -> {"loss", **metrics}`` from one forward pass, for the
+    # held-out curves; None: they call loss_fn and metrics_fn apart.
+    scores_fn: Callable | None = None
 
 
 @dataclass
@@ -140,7 +143,9 @@ def omniglot_task_source(cfg) -> TaskSource:
     from metagrad.tasks import omniglot  # Pillow and the data are needed only here
 
     t = cfg.task
-    splits = omniglot.omniglot_splits(t.data_dir, cache_dir=t.cache_dir, split=str(t.split))
+    splits = omniglot.omniglot_splits(
+        t.data_dir, cache_dir=t.cache_dir, split=str(t.split), progress=cfg.train.progress
+    )
     e = cfg.eval
     eval_ways = e.ways or t.ways
     for name in ("train", "val", "test"):  # raises a clear error for ways/shots/query too large
@@ -263,7 +268,14 @@ def build_model(cfg, key: jax.Array) -> Model:
     if cfg.algo.EMBEDDING:  # these estimators take the embedding where others take a loss
         return Model(params, apply, apply, None, False)
     step_arg = m.bn_policy == BNPolicy.per_step
-    return Model(params, apply, mnn.cross_entropy_loss(apply), mnn.accuracy(apply), step_arg)
+    return Model(
+        params,
+        apply,
+        mnn.cross_entropy_loss(apply),
+        mnn.accuracy(apply),
+        step_arg,
+        scores_fn=mnn.cross_entropy_and_accuracy(apply),
+    )
 
 
 def _image_size(task) -> int:

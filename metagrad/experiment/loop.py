@@ -107,13 +107,19 @@ class Experiment:
         if adapts_inside and post != self.cfg.inner.steps:
             estimator = build.build_estimator(self.cfg, self.model, steps=post)
         self._curve_fns[key] = make_curve_fn(
-            estimator,
-            self.model.loss_fn,
-            self.model.metrics_fn,
-            steps=steps,
-            batch_size=self.cfg.eval.batch_size,
+            estimator, self.model.loss_fn, self.model.metrics_fn, **self.curve_options(steps)
         )
         return self._curve_fns[key]
+
+    def curve_options(self, steps: int) -> dict:
+        """:func:`make_curve_fn`'s keywords besides the estimator, loss and metrics."""
+        return dict(
+            steps=steps,
+            batch_size=self.cfg.eval.batch_size,
+            scores_fn=self.model.scores_fn,
+            # One parameter set at a time where tasks are mapped (convolutional models on CPU).
+            steps_batching="map" if build.resolve_task_batching(self.cfg) == "map" else "vmap",
+        )
 
     def eval_steps(self) -> tuple[int, int]:
         """``(post, steps)``: the inner steps scored as "after adaptation" (``eval.inner_steps``,
@@ -130,11 +136,16 @@ class Experiment:
     def evaluate(self, meta_params, split: str, num_tasks: int, prefix: str) -> dict:
         post, steps = self.eval_steps()
         tasks = self.heldout_tasks(split, num_tasks)
-        block = min(self.cfg.eval.batch_size, num_tasks)
+        # Calls of at least TASKS_PER_CALL tasks: a Python dispatch per task would cost more than
+        # eval.batch_size=1 saves.
+        block = min(max(self.cfg.eval.batch_size, TASKS_PER_CALL), num_tasks)
         curves = _in_blocks(self.curve_fn(steps=steps, post=post), meta_params, tasks, block)
         out = summarize(curves, post, prefix)
         out[f"{prefix}_inner_steps"] = post
         return out
+
+
+TASKS_PER_CALL = 50
 
 
 def _in_blocks(curves_fn, meta_params, tasks, block: int) -> dict:

@@ -10,7 +10,7 @@ from metagrad.nn.adapter import (
     functional_linen,
 )
 from metagrad.nn.conv import conv2d, default_conv_impl
-from metagrad.nn.losses import accuracy, cross_entropy_loss, mse_loss
+from metagrad.nn.losses import accuracy, cross_entropy_and_accuracy, cross_entropy_loss, mse_loss
 from metagrad.nn.models import MLP, Conv4, MetaBatchNorm
 from metagrad.nn.quant import QuantConv, QuantConv4, QuantDense, QuantMLP
 from metagrad.nn.resnet import ResNet12
@@ -41,6 +41,7 @@ __all__ = [
     "adapt_mask",
     "adapt_stateful",
     "conv2d",
+    "cross_entropy_and_accuracy",
     "cross_entropy_loss",
     "default_conv_impl",
     "dropout_key",

@@ -59,6 +59,28 @@ def cross_entropy_loss(apply: Callable) -> Callable:
     return loss_fn
 
 
+def cross_entropy_and_accuracy(apply: Callable) -> Callable:
+    r"""``scores_fn(params, batch, step=None) -> {"loss", "acc"}`` from one forward pass: the
+    held-out curves' scores (``cross_entropy_loss`` and ``accuracy`` apart run the model twice,
+    and XLA does not merge the two: 2.2x slower curves on Omniglot on CPU).
+
+    Example:
+        >>> scores = cross_entropy_and_accuracy(lambda p, x: x)  # the inputs are the logits
+        >>> out = scores(None, (jnp.array([[0.0, 0.0], [2.0, 0.0]]), jnp.array([0, 1])))
+        >>> round(float(out["loss"]), 4), float(out["acc"])
+        (1.41, 0.5)
+    """
+
+    def scores_fn(params, batch, step=None):
+        logits, y = forward(apply, params, batch, step)
+        return {
+            "loss": jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)),
+            "acc": jnp.mean(jnp.argmax(logits, axis=-1) == y),
+        }
+
+    return scores_fn
+
+
 def accuracy(apply: Callable) -> Callable:
     r"""``metrics_fn(params, (x, y)) -> {"acc": fraction of argmax(logits) == y}``.
 
