@@ -145,7 +145,8 @@ def summary_line(cfg, results: dict, run_dir) -> str:
     summary = "  ".join(f"{k}={results[k]:.4f}" for k in keys)
     ci = results.get("eval_acc_post_ci95", results["eval_loss_post_ci95"])
     speed = results["steps_per_sec"]
-    speed = "n/a" if speed is None else f"{speed:.3g}"
+    # Three significant digits, never rounded to 0 (0.0709), without an exponent (3,430).
+    speed = "n/a" if speed is None else f"{speed:,.0f}" if speed >= 100 else f"{speed:.3g}"
     runs = results.get("parallel_runs", 1)
     shared = f" (each of {runs} runs in one program)" if runs > 1 else ""
     return (

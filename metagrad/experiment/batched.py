@@ -398,6 +398,7 @@ class BatchedChunks(ChunkRunner):
         self._stream, self._jit, self._hparams = None, run, group.hparams
         self._data, self._compiled = exp.source.train_data, {}
         self.compile_seconds, self.memory_check = 0.0, exp.cfg.train.memory_check
+        self._compiler_options = build.resolve_compiler_options(exp.cfg) or None
 
     def _args(self, state: MetaState, n: int) -> tuple:
         return (self._hparams, *super()._args(state, n))

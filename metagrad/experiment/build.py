@@ -38,7 +38,7 @@ from metagrad.experiment.config import (
     SinusoidConfig,
 )
 from metagrad.nn.losses import with_support_context
-from metagrad.outer import default_task_batching
+from metagrad.outer import default_compiler_options, default_task_batching
 from metagrad.precision import mixed_precision
 from metagrad.tasks import sinusoid
 
@@ -383,3 +383,10 @@ def resolve_task_batching(cfg) -> str | int:
         convolutional = isinstance(cfg.model, Conv4Config | ResNet12Config)
         return default_task_batching(jax.default_backend(), convolutional=convolutional)
     return int(tb) if tb.isdigit() else tb
+
+
+def resolve_compiler_options(cfg) -> dict:
+    """XLA's options for the training chunk: :func:`metagrad.outer.default_compiler_options`
+    for the model's kind on this backend."""
+    convolutional = isinstance(cfg.model, Conv4Config | ResNet12Config)
+    return default_compiler_options(jax.default_backend(), convolutional=convolutional)

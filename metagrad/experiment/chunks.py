@@ -133,13 +133,15 @@ class ChunkRunner:
     time, so that speed and compile time are measured apart. With ``memory_check`` a chunk whose
     memory estimate exceeds what the device has is refused before it runs.
 
+    ``compiler_options``: XLA's, for the chunk (``build.resolve_compiler_options``).
+
     With ``exp.source.stream`` set (host streaming), each call first takes the chunk's per-step
     data from ``stream.chunk(base_key, state.step, n)`` (prefetched while the previous chunk
     ran) and ``data`` is unused; the memory check then also counts the chunks the stream holds
     ahead (``stream.prefetch``). Use it in ``with`` (or call :meth:`close` after the last chunk)
     to free the chunks prefetched past the end of training."""
 
-    def __init__(self, exp, learner, data, *, memory_check: bool = True):
+    def __init__(self, exp, learner, data, *, memory_check: bool = True, compiler_options=None):
         self._stream = getattr(exp.source, "stream", None)
         if self._stream is None:
             self._jit = _chunk_fn(exp, learner)
@@ -147,6 +149,7 @@ class ChunkRunner:
             self._jit, self._base_key = _streamed_chunk_fn(exp, learner), _base_key(exp)
         self._data, self._compiled = data, {}
         self.compile_seconds, self.memory_check = 0.0, memory_check
+        self._compiler_options = compiler_options or None
 
     def _args(self, state: MetaState, n: int) -> tuple:
         """The compiled call's arguments after the state."""
@@ -158,7 +161,8 @@ class ChunkRunner:
         args = self._args(state, n)
         if n not in self._compiled:
             tic = time.perf_counter()
-            compiled = self._jit.lower(state, *args).compile()
+            lowered = self._jit.lower(state, *args)
+            compiled = lowered.compile(compiler_options=self._compiler_options)
             self.compile_seconds += time.perf_counter() - tic
             if self.memory_check:
                 ahead = 0

@@ -363,7 +363,13 @@ def _stopped_at(run: Run, why: str) -> str:
 
 def _train(cfg, run: Run, primary: bool) -> dict:
     t, exp, run_dir = cfg.train, run.exp, run.run_dir
-    chunks = ChunkRunner(exp, run.learner, exp.source.train_data, memory_check=t.memory_check)
+    chunks = ChunkRunner(
+        exp,
+        run.learner,
+        exp.source.train_data,
+        memory_check=t.memory_check,
+        compiler_options=build.resolve_compiler_options(cfg),
+    )
     state, best_val = run.state, run.best_val
     bar = tqdm(
         total=t.steps,
