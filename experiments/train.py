@@ -10,6 +10,7 @@ refusal is one line naming the key, exit status 2. Hydra's own groups and keys
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -155,8 +156,22 @@ def summary_line(cfg, results: dict, run_dir) -> str:
     )
 
 
+def one_device_per_core(argv: list[str]) -> None:
+    """For a sweep, XLA's CPU backend as one host device per core, before JAX starts it: the
+    runs of a batched program are spread over them (``RunGroup.mesh``), since a small model's
+    program keeps one core busy. Runs alone still use one device; ``XLA_FLAGS`` set by the
+    user are left as they are."""
+    if not ({"-m", "--multirun"} & set(argv) or "hydra.mode=MULTIRUN" in argv):
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        count = f"--xla_force_host_platform_device_count={os.cpu_count() or 1}"
+        os.environ["XLA_FLAGS"] = f"{flags} {count}".strip()
+
+
 if __name__ == "__main__":
     COMMAND = check_command_line(sys.argv[1:])
+    one_device_per_core(sys.argv[1:])
     sys.argv += COMMAND.extra_overrides
     main()
     if DEFERRED:

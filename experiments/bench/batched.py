@@ -3,7 +3,8 @@
 Sinusoid MAML in Finn et al.'s setting (MLP 1-40-40-1, meta-batch 25, K = 10 support and 10
 query points, one inner step at 0.01, Adam 1e-3), through the training loop's own compiled chunk
 (`metagrad.experiment.chunks.ChunkRunner`, tasks sampled on the device) for one run, and
-through the batched program of ``--runs`` seeds (`metagrad.experiment.batched`). For each: the
+through the batched program of ``--runs`` seeds (`metagrad.experiment.batched`), spread over
+one XLA host device per core as ``experiments/train.py`` spreads a sweep's. For each: the
 chunk's compile time, meta-steps/s per run and in all, GFLOP/s from XLA's cost analysis. Then
 the time of ``--runs`` runs of ``--steps`` meta-steps each, compilation included: one by one
 (each its own program, as separate processes compile) against the batched program; with
@@ -17,13 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # one XLA host device per core, as train.py gives a sweep
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in _flags:
+        _cores = f"--xla_force_host_platform_device_count={os.cpu_count() or 1}"
+        os.environ["XLA_FLAGS"] = f"{_flags} {_cores}".strip()
+
+import jax
 import numpy as np
 
 from experiments.bench import harness
+from metagrad.experiment import build
 from metagrad.experiment.batched import BatchedChunks, RunGroup, stack_runs
 from metagrad.experiment.chunks import ChunkRunner
 from metagrad.experiment.config import Config
@@ -41,14 +51,26 @@ def finn_sinusoid(seed: int) -> Config:
 def _single(cfg: Config):
     exp = Experiment.from_config(cfg)
     learner = meta_learner(exp.model.loss_fn, exp.estimator, exp.optimizer, jit=False)
-    return exp, ChunkRunner(exp, learner, exp.source.train_data), learner.init(exp.meta_params)
+    options = build.resolve_compiler_options(cfg)  # as the CLI compiles its chunk
+    runner = ChunkRunner(exp, learner, exp.source.train_data, compiler_options=options)
+    return exp, runner, learner.init(exp.meta_params)
+
+
+def step_flops(cfg: Config) -> float | None:
+    """XLA's count of one meta-step's flops (a chunk's cost analysis counts its scan body once
+    and its task sampling for every step: not a step's work)."""
+    exp, _, state = _single(cfg)
+    learner = meta_learner(exp.model.loss_fn, exp.estimator, exp.optimizer, jit=False)
+    tasks = exp.source.sample_train(exp.source.train_data, jax.random.key(0), 25)
+    compiled = jax.jit(learner.update).lower(state, tasks).compile()
+    return harness.cost_and_memory(compiled)["flops"]
 
 
 def _batched(cfgs: list[Config]):
     exp = Experiment.from_config(cfgs[0])
     hparams, states = stack_runs(exp, cfgs)
     group = RunGroup(exp, cfgs, [], [], [], np.zeros(len(cfgs)), hparams)
-    return BatchedChunks(group), states
+    return BatchedChunks(group), group.put(states, per_run=True)
 
 
 def _timed(runner, state, chunk: int, timing: harness.Timing) -> dict:
@@ -112,9 +134,13 @@ def batched_report(runs: int, steps: int, chunk: int, timing: harness.Timing) ->
     many = _timed(runner_b, states, args.chunk, timing)
     many["meta_steps_per_s_per_run"] = many["chunks_per_s"] * args.chunk
     many["meta_steps_per_s_all_runs"] = many["meta_steps_per_s_per_run"] * args.runs
-    for row in (one, many):
-        if row.get("flops"):  # XLA counts a scan's body once: the flops of one meta-step
-            row["gflops_per_s"] = row["flops"] * row["chunks_per_s"] * args.chunk / 1e9
+    flops = step_flops(cfg)
+    peak = harness.bench_matmul_peak(timing)["gflop_per_s"]  # the machine's, in this run
+    if flops:
+        one["gflops_per_s"] = flops * one["meta_steps_per_s"] / 1e9
+        many["gflops_per_s"] = flops * many["meta_steps_per_s_all_runs"] / 1e9
+        for row in (one, many):
+            row["fraction_of_peak"] = row["gflops_per_s"] / peak
     # N runs of --steps each, compilation included: one by one (each compiles its program, as
     # separate processes do), or all at once.
     sequential_s = args.runs * (one["compile_s"] + args.steps / one["meta_steps_per_s"])
@@ -127,6 +153,8 @@ def batched_report(runs: int, steps: int, chunk: int, timing: harness.Timing) ->
         "one_run": one,
         "batched": many,
         "throughput_x": many["meta_steps_per_s_all_runs"] / one["meta_steps_per_s"],
+        "matmul_peak_gflops": peak,
+        "flops_per_meta_step": flops,
         "sequential_s": sequential_s,
         "batched_s": batched_s,
         "wall_x": sequential_s / batched_s,
@@ -139,12 +167,13 @@ def print_report(r: dict) -> None:
     print(f"{r['workload']}; {r['runs']} seeds, chunks of {r['chunk']} meta-steps")
     print(
         f"  one run:        {one['meta_steps_per_s']:9,.0f} meta-steps/s  "
-        f"compile {one['compile_s']:.2f} s  {one.get('gflops_per_s') or 0:.2f} GFLOP/s"
+        f"compile {one['compile_s']:.2f} s  {one.get('gflops_per_s') or 0:.1f} GFLOP/s "
+        f"({one.get('fraction_of_peak') or 0:.0%} of the {r['matmul_peak_gflops']:.0f} peak)"
     )
     print(
         f"  {r['runs']} runs at once: {many['meta_steps_per_s_all_runs']:9,.0f} meta-steps/s, all "
         f"({many['meta_steps_per_s_per_run']:,.0f} each)  compile {many['compile_s']:.2f} s  "
-        f"{many.get('gflops_per_s') or 0:.2f} GFLOP/s"
+        f"{many.get('gflops_per_s') or 0:.1f} GFLOP/s ({many.get('fraction_of_peak') or 0:.0%})"
     )
     print(f"  throughput: {r['throughput_x']:.2f}x one run")
     print(

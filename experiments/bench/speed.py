@@ -234,6 +234,52 @@ def print_readme_rows(results: list[dict], peak: float | None) -> None:
         )
 
 
+def bench_batched(args) -> dict:
+    """``experiments.bench.batched``'s report (8 sinusoid seeds in one program, against one
+    run), from a process of its own: it asks XLA for one host device per core, which the other
+    rows must not get."""
+    import json
+    import subprocess
+    import tempfile
+
+    print("8 sinusoid seeds in one program", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "batched.json"
+        cmd = [sys.executable, "-m", "experiments.bench.batched", "--runs", "8", "--out", str(out)]
+        if args.quick:
+            cmd += ["--chunk", "100", "--blocks", "2", "--target-s", "0.5"]
+        subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[2])
+        return json.loads(out.read_text())
+
+
+def print_batched_row(b: dict) -> None:
+    """The README's batched-runs rows, as Markdown."""
+    one, many, peer = b["one_run"], b["batched"], b.get("peer")
+    runs, steps = b["runs"], b["steps"]
+    print(
+        f"\n| {runs} sinusoid seeds, {steps:,} meta-steps each | in all | one by one | ratio | "
+        "compile | GFLOP/s | of peak |\n| --- | --- | --- | --- | --- | --- | --- |"
+    )
+    print(
+        f"| one program, against one run's throughput | {many['meta_steps_per_s_all_runs']:,.0f} "
+        f"meta-steps/s ({many['meta_steps_per_s_per_run']:,.0f} a run) | "
+        f"{one['meta_steps_per_s']:,.0f} | {b['throughput_x']:.2f}x | "
+        f"{many['compile_s']:.1f} s (one run: {one['compile_s']:.1f} s) | "
+        f"{harness.fmt(many.get('gflops_per_s'), '.1f')} | "
+        f"{harness.fmt(many.get('fraction_of_peak'), '.0%')} |"
+    )
+    print(
+        f"| one program, against {runs} runs of ours one by one, compilation included | "
+        f"{b['batched_s']:.1f} s | {b['sequential_s']:.1f} s | {b['wall_x']:.2f}x | | | |"
+    )
+    if peer:
+        print(
+            f"| one program, against {runs} runs of {peer['impl']} (threads {peer['threads']}, "
+            f"{peer['meta_steps_per_s']:.0f} meta-steps/s) one by one | {b['batched_s']:.1f} s | "
+            f"{peer['runs_s']:.1f} s | {peer['batched_x']:.1f}x | | | |"
+        )
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -270,8 +316,8 @@ def parse_args(argv):
     args.meta_batches = [int(m) for m in args.meta_batches.split(",") if m]
     args.inner_steps = [int(s) for s in args.inner_steps.split(",") if s]
     args.only = {w for w in args.only.split(",") if w}
-    if not args.only <= {"sinusoid", "conv4", "inner_steps"}:
-        p.error(f"--only {sorted(args.only)}: choose from sinusoid, conv4, inner_steps")
+    if not args.only <= {"sinusoid", "conv4", "inner_steps", "batched"}:
+        p.error(f"--only {sorted(args.only)}: choose from sinusoid, conv4, inner_steps, batched")
     return args
 
 
@@ -321,9 +367,14 @@ def main(argv=None) -> dict:
         print("Conv4 inner-step sweep", flush=True)
         results += bench_inner_steps(args, timing)
 
+    batched = bench_batched(args) if "batched" in args.only else None
     peers = run_peers(args) if args.peers else []
     ratios = harness.add_ratios(results, peers)
     peak = harness.add_fraction_of_peak(results)
+    if batched is not None:
+        from experiments.bench.batched import add_peer
+
+        add_peer(batched, harness.fastest_correct(peers, workload="sinusoid"))
     harness.print_table(results, peers)
     fastest = fastest_configs(results)
     for f in fastest:
@@ -336,6 +387,8 @@ def main(argv=None) -> dict:
         )
 
     print_readme_rows(results, peak)
+    if batched is not None:
+        print_batched_row(batched)
 
     plot = None
     sweep = [r for r in results if r["workload"] == "inner_steps"]
@@ -353,6 +406,7 @@ def main(argv=None) -> dict:
         "peers": peers,
         "ratios": ratios,
         "fastest": fastest,
+        "batched": batched,
         "plot": plot,
     }
     harness.write_json(args.out, report)
