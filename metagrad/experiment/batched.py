@@ -380,7 +380,7 @@ def stack_runs(exp: Experiment, cfgs: list) -> tuple[dict, MetaState]:
 
 def run_batching(cfg) -> str:
     """``train.run_batching``; ``auto`` is ``map`` on CPU, where the runs' tasks vmapped together
-    outgrow the cache (200 sinusoid tasks at once cost 13 times 25, not 8), else ``vmap``."""
+    outgrow the cache (200 sinusoid tasks at once cost 10 times 25, not 8), else ``vmap``."""
     choice = cfg.train.run_batching
     if choice == "auto":
         return "map" if jax.default_backend() == "cpu" else "vmap"
