@@ -262,9 +262,7 @@ def _eval_cast(jaxpr, consts, args, dtype, accumulate) -> list:
     return [read(v) for v in jaxpr.outvars]
 
 
-__all__ = [
-    "COMPUTE_DTYPES",
-    "PRECISIONS",
+__all__ = [  # and the constants PRECISIONS, COMPUTE_DTYPES
     "check_precision",
     "matmul_dtypes",
     "mixed_precision",

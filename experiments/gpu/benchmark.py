@@ -165,8 +165,8 @@ def main(argv=None) -> dict:
     if "sinusoid" in args.only and args.batched_runs > 1:
         from experiments.bench.batched import batched_report, print_report
 
-        chunk = 20 if args.quick else 200
-        batched = batched_report(args.batched_runs, 70_000, chunk, harness.timing_of(args))
+        runs, chunk = (2, 20) if args.quick else (args.batched_runs, 200)  # quick: a smoke test
+        batched = batched_report(runs, 70_000, chunk, harness.timing_of(args))
         print_report(batched)
         write(results=results, batched=batched)
     peers = []
