@@ -10,7 +10,8 @@ import pytest
 import metagrad as mg
 from metagrad.inner import unroll_steps
 
-pytestmark = pytest.mark.usefixtures("x64")
+# In the full run (CI), not the quick lane: float64 compilations of every estimator.
+pytestmark = [pytest.mark.usefixtures("x64"), pytest.mark.slow]
 
 
 def step_fn(carry, i_x):

@@ -23,6 +23,9 @@ from metagrad.precision import (
 )
 from metagrad.tasks import sinusoid
 
+# In the full run (CI), not the quick lane: a compilation of a model in each precision per test.
+pytestmark = pytest.mark.slow
+
 
 def _cast(tree, dtype):
     def cast(x):

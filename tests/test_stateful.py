@@ -142,6 +142,7 @@ def test_dropout_masks_differ_across_tasks_and_steps_and_repeat_with_the_same_ke
     np.testing.assert_allclose(loss, -2 * 2 * jnp.dot(q_mask, m_a.sum(0)), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_meta_gradient_with_dropout_off_equals_the_deterministic_models(key):
     """Dropout at rate 0, and dropout switched off by eval mode, give metagrad.maml's
     meta-gradient of the same weights without a Dropout layer."""
@@ -252,6 +253,7 @@ def hand_meta_step(theta, running, tasks, *, policy, steps, alpha, momentum, tra
     return mean(*losses), jax.tree.map(mean, *states), jax.tree.map(mean, *grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["transductive", "support", "per_step"])
 def test_running_averages_after_meta_steps_match_a_hand_computation(policy, key):
     """Three meta-steps (two tasks, two inner steps, outer SGD): the running mean and variance
