@@ -94,3 +94,14 @@ def omniglot_dir() -> Path:
     if OMNIGLOT_DIR is None:
         pytest.skip(OMNIGLOT_MISSING)
     return OMNIGLOT_DIR
+
+
+def final_params(run_dir):
+    """``(step, meta_params)`` of a run directory's newest ``last`` checkpoint."""
+    from metagrad.experiment.checkpoint import Checkpoints
+
+    ckpt = Checkpoints(run_dir)
+    step = ckpt.latest_step()
+    item = ckpt.last.restore(step)
+    ckpt.close()
+    return step, item["state"]["meta_params"]

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, SUBPROCESS_ENV
+from conftest import REPO_ROOT, SUBPROCESS_ENV, final_params
 
 from metagrad.experiment.batched import (
     BATCHABLE,
@@ -44,22 +44,14 @@ def tiny(seed=0, inner_lr=0.01, outer_lr=1e-3, steps=20):
 POINTS = [(0, 0.01, 1e-3), (1, 0.03, 1e-3), (2, 0.01, 3e-3)]  # seed, inner.lr, outer.lr
 
 
-def last_params(run_dir):
-    ckpt = Checkpoints(run_dir)
-    step = ckpt.latest_step()
-    item = ckpt.last.restore(step)
-    ckpt.close()
-    return step, item["state"]["meta_params"]
-
-
 def records(run_dir, kind):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def assert_close_runs(a, b):
-    step_a, params_a = last_params(a)
-    step_b, params_b = last_params(b)
+    step_a, params_a = final_params(a)
+    step_b, params_b = final_params(b)
     assert step_a == step_b
     for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
         np.testing.assert_allclose(x, y, rtol=RTOL, atol=1e-7)
@@ -100,7 +92,7 @@ def test_batched_runs_equal_separate_runs_also_across_a_resume(tmp_path, separat
     for a, b in zip(dirs, separate_runs, strict=True):
         assert_close_runs(a, b)
     # The runs differ: each trained with its own seed and rates, not one run's copy.
-    p0, p1 = last_params(dirs[0])[1], last_params(dirs[1])[1]
+    p0, p1 = final_params(dirs[0])[1], final_params(dirs[1])[1]
     assert not np.allclose(jax.tree.leaves(p0)[0], jax.tree.leaves(p1)[0])
     for d in dirs:  # the usual layout, so that summarize.py and eval.py read them
         assert {"metrics.json", "metrics.jsonl", "run_info.json", "checkpoints"} <= {

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import OMNIGLOT_DIR, OMNIGLOT_MISSING, REPO_ROOT, SUBPROCESS_ENV
+from conftest import OMNIGLOT_DIR, OMNIGLOT_MISSING, REPO_ROOT, SUBPROCESS_ENV, final_params
 
 TINY = [
     "model.hidden=[16]",
@@ -40,16 +40,6 @@ def cli(script, *args, check=True, timeout=240):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-def final_params(run_dir):
-    from metagrad.experiment.checkpoint import Checkpoints
-
-    ckpt = Checkpoints(run_dir)
-    step = ckpt.latest_step()
-    item = ckpt.last.restore(step)
-    ckpt.close()
-    return step, item["state"]["meta_params"]
 
 
 @pytest.fixture(scope="module")

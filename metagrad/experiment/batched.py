@@ -290,8 +290,7 @@ def train_batched(cfgs: list, run_dirs: list) -> list[dict]:
     for cfg in cfgs:
         validate(cfg)
     compile_cache.enable(cfgs[0].train.compile_cache_dir, on=cfgs[0].train.compile_cache)
-    reason = cannot_batch(cfgs[0])
-    if len(cfgs) == 1 or reason is not None:
+    if len(cfgs) == 1 or cannot_batch(cfgs[0]) is not None:
         return [train(c, d) for c, d in zip(cfgs, run_dirs, strict=True)]
     created = [not d.exists() for d in run_dirs]
     locks = []
