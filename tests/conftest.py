@@ -75,6 +75,16 @@ def key(request):
     return jax.random.key(seed)
 
 
+# Docstring examples that compile a large model: in the full run only (``pytest -m slow``).
+SLOW_DOCTESTS = {"metagrad.nn.resnet.ResNet12", "metagrad.nn.models.Conv4"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.name in SLOW_DOCTESTS:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def x64():
     """float64 for the requesting test (its oracle needs it); float32 again afterwards."""

@@ -70,6 +70,7 @@ def test_flip_is_a_mirror_or_nothing_and_twice_with_its_key_the_identity():
     np.testing.assert_array_equal(twice, jnp.broadcast_to(x, twice.shape))
 
 
+@pytest.mark.slow
 def test_each_task_and_image_is_fixed_by_its_key():
     options = AugmentOptions(crop_padding=1, flip=True, color_jitter=0.3)
     tasks = jax.tree.map(lambda x: jnp.stack([x, x]), _task())  # two copies of one task

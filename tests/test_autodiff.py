@@ -96,7 +96,10 @@ def test_gnvp_equals_JT_H_J_v(key, x64):
     np.testing.assert_allclose(mg.gnvp(predict, loss, x, v), J.T @ H_loss @ J @ v, rtol=1e-10)
 
 
-@pytest.mark.parametrize("num_samples", [pytest.param(16, marks=pytest.mark.slow), 64, 256])
+@pytest.mark.parametrize(
+    "num_samples",
+    [pytest.param(16, marks=pytest.mark.slow), 64, pytest.param(256, marks=pytest.mark.slow)],
+)
 def test_hutchinson_within_four_standard_errors(key, num_samples, x64):
     k_a, k_est = jax.random.split(key)
     A = jax.random.normal(k_a, (5, 5), jnp.float64)

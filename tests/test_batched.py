@@ -2,6 +2,7 @@
 and test metrics equal the same run trained alone, to float32 rounding; resume, divergence of
 one run, grouping and the CLI sweep that batches."""
 
+import errno
 import json
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from metagrad.experiment.batched import (
 )
 from metagrad.experiment.checkpoint import Checkpoints
 from metagrad.experiment.config import Config
-from metagrad.experiment.loop import Experiment, NonFiniteLoss, train
+from metagrad.experiment.loop import DiskFull, Experiment, NonFiniteLoss, train
 
 # vmap over runs changes how XLA orders some float32 reductions (the batched matmuls), so a run
 # of a batched program is not bit-identical to the run alone: after 20 meta-steps its parameters
@@ -110,6 +111,31 @@ def test_a_diverging_run_stops_alone_and_is_named(tmp_path, separate_runs):
     assert not (dirs[1] / "metrics.json").exists()
 
 
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_group_resumes(tmp_path, separate_runs, monkeypatch):
+    original = Checkpoints.save_last
+
+    def save_last(self, step, state, **extra):
+        if step == 20:
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as err:  # as orbax does: its own error type around the OSError
+                raise RuntimeError("checkpoint write failed") from err
+        original(self, step, state, **extra)
+
+    dirs = [tmp_path / str(i) for i in range(2)]
+    monkeypatch.setattr(Checkpoints, "save_last", save_last)
+    with pytest.raises(DiskFull, match=r"no space left.*kept in .*train.resume=true"):
+        train_batched([tiny(*p) for p in POINTS[:2]], dirs)
+    monkeypatch.setattr(Checkpoints, "save_last", original)
+    resumed = [tiny(*p) for p in POINTS[:2]]
+    for cfg in resumed:
+        cfg.train.resume = True
+    train_batched(resumed, dirs)  # from each run's checkpoint at step 10
+    for a, b in zip(dirs, separate_runs[:2], strict=True):
+        assert_close_runs(a, b)
+
+
 def test_a_refused_group_writes_nothing(tmp_path):
     (tmp_path / "kept" / "checkpoints").mkdir(parents=True)  # someone's run, without resume
     Checkpoints(tmp_path / "kept").save_last(0, {"x": np.zeros(2)})
@@ -137,32 +163,61 @@ def test_groups_respect_parallel_runs_and_what_cannot_batch():
     assert program_key(tiny(0, 0.5, 0.1)) == program_key(tiny(3))
 
 
-def test_traced_values_build_the_same_update_as_constants():
-    """The learner built from traced values (inside the program) is the learner of the config
-    with those values: one meta-step of iMAML (its L2 term traced too) agrees."""
+def _imaml():
     from metagrad.experiment.config import IMAMLConfig
+
+    return IMAMLConfig(reg=2.0, cg_iters=3)
+
+
+def _mamlpp():
+    from metagrad.experiment.config import MAMLppConfig
+
+    return MAMLppConfig(msl_anneal_steps=4)
+
+
+@pytest.mark.parametrize(
+    "algo, key, value, other",
+    [
+        pytest.param(_imaml, "algo.reg", 2.0, 8.0, marks=pytest.mark.slow),
+        (_mamlpp, "algo.msl_anneal_steps", 4, 100),
+    ],
+    ids=["imaml_reg", "mamlpp_msl_anneal_steps"],
+)
+def test_traced_values_build_the_same_update_as_constants(algo, key, value, other):
+    """The learner built from traced values (inside the program) is the learner of the config
+    with those values: one meta-step agrees, with the algorithm's own batchable key traced too
+    (iMAML's L2 term; MAML++'s annealing, at meta-step 2 where its weights depend on it)."""
     from metagrad.outer import meta_learner
 
+    assert key in BATCHABLE
     cfg = tiny(inner_lr=0.05)
-    cfg.algo = IMAMLConfig(reg=2.0, cg_iters=3)
+    cfg.inner.steps, cfg.algo = 2, algo()
     exp = Experiment.from_config(cfg)
-    assert {"inner.lr", "algo.reg"} <= set(k for k in BATCHABLE if k in ("inner.lr", "algo.reg"))
     group = RunGroup(exp, [cfg], [], [], [], np.zeros(1), {})
     tasks = exp.source.sample_train(None, jax.random.key(3), 4)
     concrete = meta_learner(exp.model.loss_fn, exp.estimator, exp.optimizer, jit=False)
-    state = concrete.init(exp.meta_params)
+    state = concrete.init(exp.meta_params)._replace(step=jax.numpy.asarray(2, jax.numpy.int32))
     want, _ = jax.jit(concrete.update)(state, tasks)
 
     @jax.jit
     def traced(values, state, tasks):
         return group.learner_for(values).update(state, tasks)
 
-    got, _ = traced({"inner.lr": 0.05, "algo.reg": 2.0, "outer.lr": 1e-3}, state, tasks)
+    got, _ = traced({"inner.lr": 0.05, key: value, "outer.lr": 1e-3}, state, tasks)
     for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8)
-    other, _ = traced({"inner.lr": 0.05, "algo.reg": 8.0, "outer.lr": 1e-3}, state, tasks)
-    assert not np.allclose(jax.tree.leaves(other.meta_params)[0], jax.tree.leaves(got)[1])
-    assert with_values(cfg, {"algo.reg": 8.0}).algo.reg == 8.0 and cfg.algo.reg == 2.0
+    moved, _ = traced({"inner.lr": 0.05, key: other, "outer.lr": 1e-3}, state, tasks)
+    pairs = zip(jax.tree.leaves(moved.meta_params), jax.tree.leaves(got.meta_params), strict=True)
+    differ = [not np.allclose(x, y, rtol=1e-6, atol=1e-8) for x, y in pairs]
+    assert any(differ), f"{key}={other} gave the update of {key}={value}"
+    assert _get_key(with_values(cfg, {key: other}), key) == other and _get_key(cfg, key) == value
+
+
+def _get_key(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 @pytest.mark.slow

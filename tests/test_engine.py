@@ -105,7 +105,9 @@ def mlp_task(key, n=5, d=2):
     )
 
 
-@pytest.mark.parametrize("steps", [1, 2, 3])
+@pytest.mark.parametrize(
+    "steps", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)]
+)
 def test_maml_matches_finite_differences_on_mlp(key, steps):
     k1, k2 = jax.random.split(key)
     meta_params, task = MetaParams(mlp_params(k1)), mlp_task(k2)
@@ -396,6 +398,7 @@ def _temp_bytes(est, steps):
     return fn.lower(MetaParams(params)).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_remat_and_imaml_memory():
     plain = _temp_bytes(maml(steps=10, lr=0.1), 10)
     remat = _temp_bytes(maml(steps=10, lr=0.1, remat=True), 10)

@@ -107,6 +107,7 @@ def test_conflicting_settings_are_refused():
         mg.maml(steps=1).check(MetaParams(params))
 
 
+@pytest.mark.slow
 def test_support_batch_norm_policy_normalises_queries_with_support_statistics(key):
     """Against a hand computation: one MetaBatchNorm(policy="support") and a linear head."""
 
@@ -138,6 +139,7 @@ def test_support_batch_norm_policy_normalises_queries_with_support_statistics(ke
     assert abs(float(cross_entropy_loss(apply)(params, (xq, yq))) - expected) > 1e-3
 
 
+@pytest.mark.slow
 def test_conv4_support_policy_is_not_transductive(key):
     """Each query image's prediction depends on the support set, never on the other queries."""
     params, apply = functional(Conv4(1, 3, hidden=4, bn_policy="support", rngs=nnx.Rngs(0)))
@@ -151,6 +153,7 @@ def test_conv4_support_policy_is_not_transductive(key):
     assert abs(float(loss(params, (xq, yq))) - float(together)) > 1e-4
 
 
+@pytest.mark.slow
 def test_mamlpp_weights_follow_the_parameters_precision(key):
     with jax.enable_x64(True):
         w = msl_weights(3, steps=4, anneal_steps=7, dtype=jnp.float64)
@@ -170,6 +173,7 @@ def test_mamlpp_weights_follow_the_parameters_precision(key):
         np.testing.assert_allclose(float(loss), float(np.dot(expected, per_step)), rtol=1e-14)
 
 
+@pytest.mark.slow
 def test_adam_without_eps_root_is_refused_and_with_it_is_finite(key):
     # Why: d(adam update)/d(gradient) at a zero gradient is NaN (sqrt(v) at v = 0).
     adam = optax.adam(0.1)

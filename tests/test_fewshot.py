@@ -75,6 +75,7 @@ def test_sample_task_gathers_the_indexed_images_with_labels():
     )
 
 
+@pytest.mark.slow
 def test_sampler_and_counts_none_and_the_miniimagenet_names():
     images = _images(np.full(6, MAX_COUNT, np.int32))
     sampler = fewshot.make_sampler(images, ways=4, shots=2, query=3)

@@ -459,6 +459,7 @@ def test_sample_batch_is_vmap_of_sample_over_split_keys(key):
     assert not np.array_equal(batch.support[0][0], batch.support[0][1])
 
 
+@pytest.mark.slow
 def test_sample_keys_draws_sample_batch_in_blocks(key):
     sampler = make_sampler(random_split(4), ways=3, shots=1, query=2)
     whole = sampler.sample_batch(key, 7)
@@ -473,6 +474,7 @@ def test_sample_keys_draws_sample_batch_in_blocks(key):
         sampler.sample_keys(key)
 
 
+@pytest.mark.slow
 def test_samplers_over_splits_of_one_shape_compile_once(key, monkeypatch):
     traces = []
 

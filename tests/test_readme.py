@@ -2,9 +2,11 @@
 
 import re
 
+import pytest
 from conftest import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_readme_tour_runs(capsys):
     readme = (REPO_ROOT / "README.md").read_text()
     block = re.search(r"<!-- tour -->\n```python\n(.*?)```\n<!-- /tour -->", readme, re.S)

@@ -88,6 +88,7 @@ def test_conv4_defaults_unchanged_and_flatten_needs_image_size():
 # ---------------------------------------------------------------------------------- ResNet-12
 
 
+@pytest.mark.slow
 def test_resnet12_shapes_and_names():
     model = mnn.ResNet12(3, 5, widths=TINY, rngs=nnx.Rngs(0))
     params, apply = mnn.functional(model)

@@ -87,6 +87,7 @@ def test_resume_without_a_run_is_an_error_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "mistyped").exists()
 
 
+@pytest.mark.slow
 def test_kill_between_best_and_last_save_resumes_bit_identically(tmp_path, reference):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
@@ -107,7 +108,7 @@ def _data_files(folder):
     return [p for p in files if p.stat().st_size > 64]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
+@pytest.mark.parametrize("damage", ["truncate", pytest.param("flip", marks=pytest.mark.slow)])
 def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path, reference, damage):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)

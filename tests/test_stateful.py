@@ -289,6 +289,7 @@ def test_running_averages_after_meta_steps_match_a_hand_computation(policy, key)
     assert not np.allclose(s_lib["bn"]["mean"], state["bn"]["mean"])
 
 
+@pytest.mark.slow
 def test_meta_batch_state_is_the_same_under_vmap_and_map(key):
     params, state, apply = from_nnx_stateful(BNNet(nnx.Rngs(0)))
     tasks = regression_tasks(key, 3)
@@ -306,7 +307,7 @@ def test_meta_batch_state_is_the_same_under_vmap_and_map(key):
     "inner",
     [
         dict(lr=0.1, mask=lambda path: path.startswith("head")),  # ANIL
-        dict(optimizer=optax.adam(0.05, eps_root=1e-8)),
+        pytest.param(dict(optimizer=optax.adam(0.05, eps_root=1e-8)), marks=pytest.mark.slow),
     ],
     ids=["anil_mask", "adam"],
 )
@@ -338,6 +339,7 @@ def test_adapt_keywords_pass_through_and_the_state_follows_the_trajectory(inner,
         assert not np.allclose(adapted["head"]["kernel"], params["head"]["kernel"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["transductive", "per_step"])
 def test_eval_mode_normalises_with_the_running_averages_and_updates_nothing(policy, key):
     steps = 2
@@ -371,7 +373,12 @@ def test_eval_mode_normalises_with_the_running_averages_and_updates_nothing(poli
 
 @pytest.mark.parametrize(
     "policy, train",
-    [("transductive", True), ("support", True), ("per_step", True), ("support", False)],
+    [
+        ("transductive", True),
+        pytest.param("support", True, marks=pytest.mark.slow),
+        pytest.param("per_step", True, marks=pytest.mark.slow),
+        ("support", False),
+    ],
 )
 def test_stateful_meta_gradient_matches_finite_differences(policy, train, key):
     """Batch norm and dropout together; the state and the key fixed, as the policy holds them."""

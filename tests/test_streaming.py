@@ -75,6 +75,7 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_stream_gives_the_device_tasks_bit_for_bit_with_prefetch_and_jumps(images):
     device_images = jnp.asarray(images)
     with HostTaskStream(images, COUNTS, **KW, meta_batch_size=BATCH, prefetch=2) as stream:
@@ -157,6 +158,7 @@ def _train(source, chunk_lengths=(3, 3)):
     return state, metrics
 
 
+@pytest.mark.slow
 def test_streamed_training_equals_on_device_training_bit_for_bit(images):
     sources = {
         mode: image_task_source(_data(images), **KW, meta_batch_size=BATCH, sampling=mode)

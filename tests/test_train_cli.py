@@ -280,6 +280,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_non_finite_run_stops_with_exit_1_and_writes_no_non_finite_checkpoint(tmp_path):
     run = tmp_path / "run"
     proc = cli("train.py", *TINY, "inner.lr=1e30", f"hydra.run.dir={run}", check=False)
@@ -298,8 +299,12 @@ def _snapshot(run_dir):
     "args,message",
     [
         (["inner.steps=-1"], "inner.steps=-1: must be >= 0"),
-        ([], "already holds a run; pass train.resume=true"),
-        (["train.resume=true", "inner.lr=0.05"], "would change the run .*inner.lr: 0.01 -> 0.05"),
+        pytest.param([], "already holds a run; pass train.resume=true", marks=pytest.mark.slow),
+        pytest.param(
+            ["train.resume=true", "inner.lr=0.05"],
+            "would change the run .*inner.lr: 0.01 -> 0.05",
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             ["train.resume=true", "model.hidden=[32]"],
             r"model.hidden: \[16\] -> \[32\]",

@@ -230,20 +230,28 @@ def bench_sinusoid(timing: Timing, *, chunk: int) -> list[dict]:
     the device ahead of the scan, in one call batched over steps, as the CLI's training loop
     does (`metagrad.experiment.chunks`); the per-step call draws its own. Every row compiles
     with :func:`small_model_xla_options` (``xla_options`` in the row) but one, the vmap scan
-    with XLA's defaults, which shows what the options give."""
+    with XLA's defaults, which shows what the options give, and one, ``maml_lean``, without
+    the pre-adaptation query loss: the peers' work, which computes no pre-adaptation metric."""
     mb, k = 25, 10
     params, apply = sinusoid_mlp()
-    rows, step_flops = [], None
+    rows, step_flops = [], {}
     tuned = small_model_xla_options()
-    # (task batching, timing mode, XLA options): vmap is timed both ways, lax.map to choose
-    # the default
-    configs = [("vmap", "dispatch", tuned), ("vmap", "scan", tuned), ("map", "scan", tuned)]
+    estimators = {"maml": mg.maml(steps=1, lr=0.01), "maml_lean": lean_maml(1, 0.01)}
+    # (task batching, timing mode, XLA options, estimator): vmap is timed both ways, lax.map to
+    # choose the default; every estimator's first row is a dispatch row, whose flops XLA counts
+    configs = [
+        ("vmap", "dispatch", tuned, "maml"),
+        ("vmap", "scan", tuned, "maml"),
+        ("map", "scan", tuned, "maml"),
+        ("vmap", "dispatch", tuned, "maml_lean"),
+        ("vmap", "scan", tuned, "maml_lean"),
+    ]
     if tuned:
-        configs.insert(2, ("vmap", "scan", {}))
-    for tb, mode, xla_options in configs:
+        configs.insert(2, ("vmap", "scan", {}, "maml"))
+    for tb, mode, xla_options, estimator in configs:
         learner = mg.meta_learner(
             mse_loss(apply),
-            mg.maml(steps=1, lr=0.01),
+            estimators[estimator],
             optax.adam(1e-3),
             task_batching=tb,
             jit=False,
@@ -268,19 +276,19 @@ def bench_sinusoid(timing: Timing, *, chunk: int) -> list[dict]:
         )
         cm = cost_and_memory(compiled)
         if mode == "dispatch":  # loop-free: XLA counts every op once
-            step_flops = cm["flops"]
+            step_flops[estimator] = cm["flops"]
         t = time_calls(keyed(compiled, state, jax.random.key(0)), timing)
         config = {
             "mode": mode,
             "meta_batch": mb,
-            "estimator": "maml",
+            "estimator": estimator,
             "inner_steps": 1,
             "task_batching": tb,
             "steps_per_call": steps_per_call,
             "xla_options": xla_options,
         }
         sps = t["calls_per_s"] * steps_per_call
-        rows.append(row("sinusoid", config, sps, mb, compile_s, step_flops, cm, t))
+        rows.append(row("sinusoid", config, sps, mb, compile_s, step_flops[estimator], cm, t))
     return rows
 
 
@@ -391,7 +399,8 @@ def label(r: dict) -> str:
         return f"devices={r['devices']} {r['model']} mb{mb} {tb}"
     if r["workload"] == "sinusoid":
         xla = " (XLA defaults)" if "xla_options" in r and not r["xla_options"] else ""
-        return f"sinusoid mb{r['meta_batch']} {r['task_batching']} {r['mode']}{xla}"
+        lean = " maml_lean" if r.get("estimator") == "maml_lean" else ""
+        return f"sinusoid mb{r['meta_batch']} {r['task_batching']} {r['mode']}{xla}{lean}"
     if r["workload"] == "peak":
         return f"peak: {r['mode']}"
     parts = [

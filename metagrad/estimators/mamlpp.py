@@ -25,7 +25,9 @@ def msl_weights(step, *, steps: int, anneal_steps: int, dtype=jnp.float32) -> ja
         [0.25, 0.25, 0.25, 0.25]
     """
     n = steps
-    progress = jnp.clip(jnp.asarray(step, dtype) / max(anneal_steps, 1), 0.0, 1.0)
+    # jnp, not Python, arithmetic on anneal_steps: a batched program traces it (one per run).
+    span = jnp.maximum(jnp.asarray(anneal_steps, dtype), 1)
+    progress = jnp.clip(jnp.asarray(step, dtype) / span, 0.0, 1.0)
     floor = 0.03 / n
     nonfinal = jnp.maximum(1.0 / n - progress / n, floor)
     final = jnp.minimum(1.0 / n + progress * (n - 1) / n, 1.0 - (n - 1) * floor)
@@ -68,7 +70,9 @@ def mamlpp(
     inner = InnerLoop(steps=steps, lr=lr, **inner_kwargs)
     if steps < 1:
         raise ValueError("mamlpp needs steps >= 1")
-    if anneal_steps < 0 or first_order_until < 0:
+    # A traced anneal_steps (one per run of a batched program) was checked on the host.
+    traced = isinstance(anneal_steps, jax.core.Tracer)
+    if (not traced and anneal_steps < 0) or first_order_until < 0:
         raise ValueError("mamlpp: anneal_steps and first_order_until must be >= 0")
     if inner.optimizer is not None:
         check_inner_optimizer(inner.optimizer)

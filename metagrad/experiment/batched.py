@@ -49,10 +49,12 @@ from metagrad.experiment.config import ImageTaskConfig, Sampling, validate
 from metagrad.experiment.evaluation import make_curve_fn, summarize
 from metagrad.experiment.loop import (
     TASKS_PER_CALL,
+    DiskFull,
     Experiment,
     NonFiniteLoss,
     TrainingInterrupted,
     _in_blocks,
+    _is_disk_full,
     check_resumable,
     open_log,
     restore_latest,
@@ -71,6 +73,7 @@ BATCHABLE = (
     "outer.lr",  # the outer optimizer's rate (a schedule's initial value)
     "algo.reg",  # iMAML's proximal (L2) weight
     "algo.implicit_reg",  # algo=maml grad_mode=implicit: the same
+    "algo.msl_anneal_steps",  # MAML++'s multi-step-loss weights (how fast they anneal)
 )
 
 
@@ -313,17 +316,25 @@ def train_batched(cfgs: list, run_dirs: list) -> list[dict]:
             return [train(c, d) for c, d in zip(cfgs, run_dirs, strict=True)]
         return _train(group, states)
     except KeyboardInterrupt:
-        kept = ", ".join(str(d) for d in run_dirs)
-        raise TrainingInterrupted(
-            f"interrupted: the checkpoints written are kept in {kept}; continue with "
-            "train.resume=true (the same command)"
-        ) from None
+        raise TrainingInterrupted(_stopped("interrupted", run_dirs)) from None
+    except Exception as err:  # noqa: BLE001 - orbax may wrap the OSError in its own type
+        if not _is_disk_full(err):
+            raise
+        raise DiskFull(_stopped(f"no space left on the device ({err})", run_dirs)) from None
     finally:
         if group is not None:
             for log in group.logs:
                 log.close()
         for lock in locks:
             lock.release()
+
+
+def _stopped(why: str, run_dirs: list[Path]) -> str:
+    kept = ", ".join(str(d) for d in run_dirs)
+    return (
+        f"{why}: the checkpoints written are kept in {kept}; continue with "
+        "train.resume=true (the same command)"
+    )
 
 
 def _start(cfgs: list, run_dirs: list[Path]):
