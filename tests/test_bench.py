@@ -36,14 +36,17 @@ def test_speed_benchmark_times_the_sinusoid_rows(tmp_path):
     rows = report["results"]
     sinusoid = [r for r in rows if r["workload"] == "sinusoid"]
     modes = {
-        (r["task_batching"], r["mode"], r["steps_per_call"], bool(r["xla_options"]))
+        (r["task_batching"], r["mode"], r["steps_per_call"], bool(r["xla_options"]), r["estimator"])
         for r in sinusoid
     }
     assert modes == {
-        ("vmap", "dispatch", 1, True),
-        ("vmap", "scan", 20, True),
-        ("vmap", "scan", 20, False),  # XLA's defaults, to show what the options give
-        ("map", "scan", 20, True),
+        ("vmap", "dispatch", 1, True, "maml"),
+        ("vmap", "scan", 20, True, "maml"),
+        ("vmap", "scan", 20, False, "maml"),  # XLA's defaults, to show what the options give
+        ("map", "scan", 20, True, "maml"),
+        ("vmap", "dispatch", 1, True, "maml_lean"),  # without the pre-adaptation loss
+        ("vmap", "scan", 20, True, "maml_lean"),
+        ("vmap", "given", 20, True, "maml"),  # tasks drawn before the timed calls, as the peers
     }
     assert all(r["meta_steps_per_s"] > 0 and r["peak_bytes"] > 0 for r in sinusoid)
     [peak] = [r for r in rows if r["workload"] == "peak"]

@@ -165,7 +165,7 @@ def test_gpu_benchmark_script_measures_us_and_the_peers_without_hydra(tmp_path, 
     run_script("benchmark", *args, *where, f"--out={out}", block_hydra=True)
     report = json.loads(out.read_text())
     modes = {(r["task_batching"], r["mode"]) for r in report["results"]}
-    assert modes == {("vmap", "dispatch"), ("vmap", "scan"), ("map", "scan")}
+    assert modes == {("vmap", "dispatch"), ("vmap", "scan"), ("map", "scan"), ("vmap", "given")}
     assert all(r["meta_steps_per_s"] > 0 for r in report["results"])
     if peers is None:
         assert report["peers"] == []

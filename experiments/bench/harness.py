@@ -39,6 +39,7 @@ from flax import nnx
 from jax import lax
 
 import metagrad as mg
+from metagrad.estimators.base import query_loss
 from metagrad.nn import MLP, Conv4, cross_entropy_loss, default_conv_impl, functional, mse_loss
 from metagrad.outer import default_compiler_options
 from metagrad.tasks import sinusoid
@@ -210,17 +211,17 @@ def conv4_tasks(key, meta_batch: int, ways=5, shots=1, queries=15, size=28) -> m
 
 def lean_maml(steps: int, lr: float) -> mg.MetaGradEstimator:
     """Second-order MAML without the pre-adaptation query metrics (``loss_pre`` costs a forward
-    pass of the query set at the meta-parameters)."""
+    pass of the query set at the meta-parameters): :func:`metagrad.maml`'s objective, its inner
+    loop included, with no metrics."""
     full = mg.maml(steps=steps, lr=lr)
+    inner = full.inner
 
-    def value_and_grad(loss_fn, meta_params, task, step):
-        f = lambda mp: (
-            mg.meta_loss(loss_fn, mp.params, task.support, task.query, steps=steps, lr=lr),
-            {},
-        )
-        return jax.value_and_grad(f, has_aux=True)(meta_params)
+    def objective(loss_fn, meta_params, task, step):
+        adapted = inner.run(loss_fn, meta_params, task.support)
+        return query_loss(loss_fn, inner, adapted, task.query, max(steps - 1, 0)), {}
 
-    return mg.MetaGradEstimator("maml_lean", full.objective, value_and_grad, full.inner)
+    value_and_grad = jax.value_and_grad(objective, argnums=1, has_aux=True)
+    return mg.MetaGradEstimator("maml_lean", full.objective, value_and_grad, inner)
 
 
 def bench_sinusoid(timing: Timing, *, chunk: int) -> list[dict]:
@@ -230,8 +231,10 @@ def bench_sinusoid(timing: Timing, *, chunk: int) -> list[dict]:
     the device ahead of the scan, in one call batched over steps, as the CLI's training loop
     does (`metagrad.experiment.chunks`); the per-step call draws its own. Every row compiles
     with :func:`small_model_xla_options` (``xla_options`` in the row) but one, the vmap scan
-    with XLA's defaults, which shows what the options give, and one, ``maml_lean``, without
-    the pre-adaptation query loss: the peers' work, which computes no pre-adaptation metric."""
+    with XLA's defaults, which shows what the options give; one, ``maml_lean``, without the
+    pre-adaptation query loss (the peers compute no such metric); and one, ``given``, over
+    ``chunk`` steps' tasks drawn before the timed calls, as the peers draw theirs (their timed
+    loop samples nothing), so that its ratio compares the same work."""
     mb, k = 25, 10
     params, apply = sinusoid_mlp()
     rows, step_flops = [], {}
@@ -245,6 +248,7 @@ def bench_sinusoid(timing: Timing, *, chunk: int) -> list[dict]:
         ("map", "scan", tuned, "maml"),
         ("vmap", "dispatch", tuned, "maml_lean"),
         ("vmap", "scan", tuned, "maml_lean"),
+        ("vmap", "given", tuned, "maml"),
     ]
     if tuned:
         configs.insert(2, ("vmap", "scan", {}, "maml"))
@@ -270,14 +274,25 @@ def bench_sinusoid(timing: Timing, *, chunk: int) -> list[dict]:
             state, metrics = lax.scan(learner.update, state, tasks)
             return state, (key, metrics["meta_loss"][-1])
 
-        fn, steps_per_call = (dispatch, 1) if mode == "dispatch" else (scanned, chunk)
-        compiled, compile_s = compile_step(
-            fn, state, jax.random.key(0), compiler_options=xla_options
-        )
+        def given(state, tasks, learner=learner):  # `chunk` meta-steps on the tasks passed
+            state, metrics = lax.scan(learner.update, state, tasks)
+            return state, metrics["meta_loss"][-1]
+
+        if mode == "given":
+            keys = jax.random.split(jax.random.key(0), chunk)
+            tasks = jax.vmap(lambda kk: sinusoid_tasks(kk, mb, k, k))(keys)
+            compiled, compile_s = compile_step(given, state, tasks, compiler_options=xla_options)
+            call, steps_per_call = stateful(compiled, state, tasks), chunk
+        else:
+            fn, steps_per_call = (dispatch, 1) if mode == "dispatch" else (scanned, chunk)
+            compiled, compile_s = compile_step(
+                fn, state, jax.random.key(0), compiler_options=xla_options
+            )
+            call = keyed(compiled, state, jax.random.key(0))
         cm = cost_and_memory(compiled)
         if mode == "dispatch":  # loop-free: XLA counts every op once
             step_flops[estimator] = cm["flops"]
-        t = time_calls(keyed(compiled, state, jax.random.key(0)), timing)
+        t = time_calls(call, timing)
         config = {
             "mode": mode,
             "meta_batch": mb,

@@ -6,8 +6,9 @@ Workloads (second-order MAML unless said otherwise):
   query points, one inner step at 0.01, Adam 1e-3), tasks from `metagrad.tasks.sinusoid` as
   training samples them. Timed two ways: one dispatch per meta-step, and a chunk of meta-steps
   per compiled call (``lax.scan`` with on-device task sampling); the chunked timing also with
-  ``lax.map`` over tasks, to choose the default task batching; and a ``maml_lean`` chunk
-  without the pre-adaptation query loss, the peers' work (they compute no such metric).
+  ``lax.map`` over tasks, to choose the default task batching; a ``maml_lean`` chunk without
+  the pre-adaptation query loss; and a chunk over tasks drawn before the timed calls
+  (``given``), as the peers time theirs: the same work as theirs.
 - ``conv4``: Omniglot 5-way 1-shot, 15 queries per class, random 28x28x1 inputs (as the peers),
   one inner step at 0.4, Adam 1e-3; strided and max-pool Conv4; meta-batch 32 and 4; every conv
   implementation x task batching, so that the defaults can be chosen from data. ``lean`` rows
@@ -197,9 +198,10 @@ def readme_rows(results: list[dict]) -> list[dict]:
         for r in ok
         if r["workload"] == "sinusoid"
         and r["task_batching"] == "vmap"
-        and (r["mode"] == "scan" or r["estimator"] == "maml")
+        and r["estimator"] == "maml"
     ]
-    out.sort(key=lambda r: (r["mode"] != "scan", not r.get("xla_options"), r["estimator"]))
+    order = {"given": 0, "scan": 1, "dispatch": 2}
+    out.sort(key=lambda r: (order[r["mode"]], not r.get("xla_options")))
     for arch, mb in sorted(
         {(r["arch"], r["meta_batch"]) for r in ok if r["workload"] == "conv4"},
         key=lambda am: (am[0], am[1]),
