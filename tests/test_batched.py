@@ -260,7 +260,11 @@ def test_cli_sweep_trains_its_points_in_one_program(tmp_path):
         assert (sweep / str(i) / ".hydra" / "config.yaml").is_file()
         assert json.loads((sweep / str(i) / "metrics.json").read_text())["parallel_runs"] == 4
     summary = run("summarize.py", str(sweep))
-    assert summary.returncode == 0 and "2" in summary.stdout  # two seeds per setting
+    assert summary.returncode == 0, summary.stderr
+    rows = [line.split() for line in summary.stdout.splitlines() if "inner.lr=" in line]
+    # one row per learning rate, each the mean of its two seeds
+    assert sorted(r[0] for r in rows) == ["inner.lr=0.01", "inner.lr=0.02"], summary.stdout
+    assert all(r[r.index("+-") - 2] == "2" for r in rows), summary.stdout
     again = run("train.py", *args[:-1], "train.steps=30", "train.resume=true", args[-1])
     assert again.returncode == 0, again.stderr
     assert [r["step"] for r in records(sweep / "3", "train")] == [10, 20, 30]
