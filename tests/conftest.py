@@ -76,7 +76,13 @@ def key(request):
 
 
 # Docstring examples that compile a large model: in the full run only (``pytest -m slow``).
-SLOW_DOCTESTS = {"metagrad.nn.resnet.ResNet12", "metagrad.nn.models.Conv4"}
+SLOW_DOCTESTS = {
+    "metagrad.nn.resnet.ResNet12",
+    "metagrad.nn.models.Conv4",
+    "metagrad.nn.quant.QuantConv4",
+    "metagrad.nn.stateful.stateful_estimator",
+    "metagrad.tasks.sinusoid.sample_batch",
+}
 
 
 def pytest_collection_modifyitems(config, items):

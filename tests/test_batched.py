@@ -179,7 +179,7 @@ def _mamlpp():
     "algo, key, value, other",
     [
         pytest.param(_imaml, "algo.reg", 2.0, 8.0, marks=pytest.mark.slow),
-        (_mamlpp, "algo.msl_anneal_steps", 4, 100),
+        pytest.param(_mamlpp, "algo.msl_anneal_steps", 4, 100, marks=pytest.mark.slow),
     ],
     ids=["imaml_reg", "mamlpp_msl_anneal_steps"],
 )

@@ -445,6 +445,7 @@ def test_rotation_is_counterclockwise_quarter_turns():
         assert task.query[0][label, ..., 0].tolist() == turned[k]
 
 
+@pytest.mark.slow
 def test_sample_batch_is_vmap_of_sample_over_split_keys(key):
     images = random_split(3)
     sampler = make_sampler(images, ways=3, shots=1, query=2)

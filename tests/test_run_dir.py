@@ -160,6 +160,7 @@ def test_non_finite_run_keeps_no_non_finite_checkpoint_and_writes_standard_json(
         strict_json(line)
 
 
+@pytest.mark.slow
 def test_disk_full_while_logging_stops_with_one_line_then_resumes_cleanly(
     tmp_path, reference, monkeypatch
 ):

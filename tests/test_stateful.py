@@ -306,7 +306,9 @@ def test_meta_batch_state_is_the_same_under_vmap_and_map(key):
 @pytest.mark.parametrize(
     "inner",
     [
-        dict(lr=0.1, mask=lambda path: path.startswith("head")),  # ANIL
+        pytest.param(
+            dict(lr=0.1, mask=lambda path: path.startswith("head")), marks=pytest.mark.slow
+        ),
         pytest.param(dict(optimizer=optax.adam(0.05, eps_root=1e-8)), marks=pytest.mark.slow),
     ],
     ids=["anil_mask", "adam"],

@@ -95,6 +95,7 @@ def test_stream_gives_the_device_tasks_bit_for_bit_with_prefetch_and_jumps(image
         stream.chunk(jax.random.key(7), 0, 3)
 
 
+@pytest.mark.slow
 def test_the_thread_ends_after_the_last_request_and_after_an_exception(images):
     stream = HostTaskStream(images, COUNTS, **KW, meta_batch_size=BATCH, prefetch=3)
     with pytest.raises(ZeroDivisionError):
