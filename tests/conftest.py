@@ -112,6 +112,26 @@ def omniglot_dir() -> Path:
     return OMNIGLOT_DIR
 
 
+def disk_full_at_step(monkeypatch, step: int) -> None:
+    """``Checkpoints.save_last`` fails with ENOSPC at ``step`` (wrapped in another error, as
+    orbax does) and writes normally otherwise; ``monkeypatch.undo()`` restores it."""
+    import errno
+
+    from metagrad.experiment.checkpoint import Checkpoints
+
+    original = Checkpoints.save_last
+
+    def save_last(self, at, state, **extra):
+        if at == step:
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as err:
+                raise RuntimeError("checkpoint write failed") from err
+        original(self, at, state, **extra)
+
+    monkeypatch.setattr(Checkpoints, "save_last", save_last)
+
+
 def final_params(run_dir):
     """``(step, meta_params)`` of a run directory's newest ``last`` checkpoint."""
     from metagrad.experiment.checkpoint import Checkpoints

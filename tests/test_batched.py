@@ -2,7 +2,6 @@
 and test metrics equal the same run trained alone, to float32 rounding; resume, divergence of
 one run, grouping and the CLI sweep that batches."""
 
-import errno
 import json
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, SUBPROCESS_ENV, final_params
+from conftest import REPO_ROOT, SUBPROCESS_ENV, disk_full_at_step, final_params
 
 from metagrad.experiment.batched import (
     BATCHABLE,
@@ -113,21 +112,11 @@ def test_a_diverging_run_stops_alone_and_is_named(tmp_path, separate_runs):
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_group_resumes(tmp_path, separate_runs, monkeypatch):
-    original = Checkpoints.save_last
-
-    def save_last(self, step, state, **extra):
-        if step == 20:
-            try:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            except OSError as err:  # as orbax does: its own error type around the OSError
-                raise RuntimeError("checkpoint write failed") from err
-        original(self, step, state, **extra)
-
     dirs = [tmp_path / str(i) for i in range(2)]
-    monkeypatch.setattr(Checkpoints, "save_last", save_last)
+    disk_full_at_step(monkeypatch, 20)
     with pytest.raises(DiskFull, match=r"no space left.*kept in .*train.resume=true"):
         train_batched([tiny(*p) for p in POINTS[:2]], dirs)
-    monkeypatch.setattr(Checkpoints, "save_last", original)
+    monkeypatch.undo()
     resumed = [tiny(*p) for p in POINTS[:2]]
     for cfg in resumed:
         cfg.train.resume = True

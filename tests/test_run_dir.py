@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import disk_full_at_step
 
 from metagrad.experiment import Config, NonFiniteLoss, train
 from metagrad.experiment.checkpoint import CheckpointError, Checkpoints
@@ -247,16 +248,6 @@ def test_kill_inside_a_save_leaves_a_resumable_run(tmp_path, reference):
 def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(
     tmp_path, monkeypatch
 ):
-    original = Checkpoints.save_last
-
-    def save_last(self, step, state, **extra):
-        if step == 30:
-            try:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            except OSError as err:  # as orbax does: its own error type around the OSError
-                raise RuntimeError("checkpoint write failed") from err
-        original(self, step, state, **extra)
-
-    monkeypatch.setattr(Checkpoints, "save_last", save_last)
+    disk_full_at_step(monkeypatch, 30)
     with pytest.raises(DiskFull, match=r"no space left.*checkpoint at step 20 kept"):
         train(tiny(), tmp_path / "run")

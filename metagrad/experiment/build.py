@@ -380,13 +380,15 @@ def resolve_task_batching(cfg) -> str | int:
     """``train.task_batching``; ``auto`` is :func:`metagrad.outer.default_task_batching`."""
     tb = str(cfg.train.task_batching)
     if tb == "auto":
-        convolutional = isinstance(cfg.model, Conv4Config | ResNet12Config)
-        return default_task_batching(jax.default_backend(), convolutional=convolutional)
+        return default_task_batching(jax.default_backend(), convolutional=_convolutional(cfg))
     return int(tb) if tb.isdigit() else tb
 
 
 def resolve_compiler_options(cfg) -> dict:
     """XLA's options for the training chunk: :func:`metagrad.outer.default_compiler_options`
     for the model's kind on this backend."""
-    convolutional = isinstance(cfg.model, Conv4Config | ResNet12Config)
-    return default_compiler_options(jax.default_backend(), convolutional=convolutional)
+    return default_compiler_options(jax.default_backend(), convolutional=_convolutional(cfg))
+
+
+def _convolutional(cfg) -> bool:
+    return isinstance(cfg.model, Conv4Config | ResNet12Config)

@@ -446,12 +446,13 @@ def _sample_jit(images, key, **task) -> Task:
     return sample_task(images, key, **task)
 
 
-@partial(jax.jit, static_argnames=_TASK_ARGS)
-def _sample_keys_jit(images, keys, **task) -> Task:
+def _sample_each(images, keys, **task) -> Task:
     return jax.vmap(lambda key: sample_task(images, key, **task))(keys)
+
+
+_sample_keys_jit = partial(jax.jit, static_argnames=_TASK_ARGS)(_sample_each)
 
 
 @partial(jax.jit, static_argnames=("meta_batch_size", *_TASK_ARGS))
 def _sample_batch_jit(images, key, meta_batch_size: int, **task) -> Task:
-    keys = jax.random.split(key, meta_batch_size)
-    return jax.vmap(lambda key: sample_task(images, key, **task))(keys)
+    return _sample_each(images, jax.random.split(key, meta_batch_size), **task)
